@@ -1,0 +1,35 @@
+# `make demo` and `make test` work on a fresh machine: they create .venv if missing and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+INSTALLED := $(VENV)/.installed
+RUN_ID := $(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: demo test lint format clean-runs
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+# Reinstall only when the package definition changes.
+$(INSTALLED): setup.py pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e ".[dev,dali]"
+	touch $(INSTALLED)
+
+demo: $(INSTALLED)
+	$(VENV)/bin/dtengine distill --config configs/demo.yaml out_dir=runs/demo-$(RUN_ID)
+
+test: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
+
+format: $(INSTALLED)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+clean-runs:
+	rm -rf runs

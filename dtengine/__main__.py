@@ -1,0 +1,5 @@
+import sys
+
+from dtengine.cli import main
+
+sys.exit(main())

@@ -1,0 +1,103 @@
+"""`dtengine <command>`: parse arguments, build the config, call the component. No logic of its own.
+
+Bad input surfaces as one line on stderr and exit code 2 (a `DTEngineError`); `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Sequence
+
+from dtengine.errors import DTEngineError
+
+EXIT_BAD_INPUT = 2
+EXIT_INTERRUPTED = 130
+
+
+def _distill(args: argparse.Namespace) -> None:
+    from dtengine.config import load_config
+    from dtengine.train.trainer import run_distillation
+
+    cfg = load_config(args.config, args.overrides)
+    result = run_distillation(cfg, resume=args.resume_from or args.resume)
+    print(f"run directory: {result.run_dir}")
+    if result.final_loss is not None:
+        first, final = result.first_loss, result.final_loss
+        print(f"loss: {first:.4f} (first logged) -> {final:.4f} (final) after {result.steps} steps")
+    print(f"backbone: {result.backbone_path}")
+    if result.loss_curve is not None:
+        print(f"loss curve: {result.loss_curve}")
+
+
+def _train_teacher(args: argparse.Namespace) -> None:
+    from dtengine.config import load_config
+    from dtengine.teachers.ddpm_training import TeacherTrainingConfig, train_teacher
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
+    cfg = load_config(args.config, overrides, schema=TeacherTrainingConfig)
+    out_dir = train_teacher(cfg)
+    print(f"teacher saved to {out_dir} (use it with teacher.path={out_dir})")
+
+
+def _make_shards(args: argparse.Namespace) -> None:
+    from dtengine.data.shards import make_shards_from_folder
+
+    report = make_shards_from_folder(args.from_folder, args.out, samples_per_shard=args.samples_per_shard)
+    print(f"wrote {report.written} images into {len(report.shards)} shards in {args.out}")
+    if report.skipped:
+        print(f"skipped {len(report.skipped)} unreadable files:")
+        for path, reason in report.skipped:
+            print(f"  {path}: {reason}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dtengine", description="DreamTeacher distillation engine")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    distill = commands.add_parser("distill", help="distil a generative teacher's features into a timm backbone")
+    distill.add_argument("--config", help="YAML config (see configs/demo.yaml)")
+    distill.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    distill.add_argument(
+        "--resume-from", metavar="CHECKPOINT", help="continue from this run dir or step_*.pt, writing to out_dir"
+    )
+    distill.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
+    distill.set_defaults(func=_distill)
+
+    teacher = commands.add_parser("train-teacher", help="train a small pixel-space DDPM teacher")
+    teacher.add_argument("--out", help="output directory (same as out_dir=DIR)")
+    teacher.add_argument("--config", help="YAML config for TeacherTrainingConfig")
+    teacher.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=500 data.batch_size=32")
+    teacher.set_defaults(func=_train_teacher)
+
+    shards = commands.add_parser("make-shards", help="turn an image folder into WebDataset shards + DALI indexes")
+    shards.add_argument("--from-folder", required=True, help="folder searched recursively for jpg/png/webp")
+    shards.add_argument("--out", required=True, help="output folder for shard-*.tar, *.idx and manifest.json")
+    shards.add_argument("--samples-per-shard", type=int, default=1000)
+    shards.set_defaults(func=_make_shards)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if not args.debug:
+        # Third-party deprecation chatter (e.g. xformers built for another torch) buries our own output.
+        warnings.filterwarnings("ignore", category=UserWarning)
+        warnings.filterwarnings("ignore", category=FutureWarning)
+    try:
+        args.func(args)
+    except DTEngineError as err:
+        if args.debug:
+            raise
+        print(f"dtengine {args.command}: error: {err}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt as err:
+        print(f"dtengine {args.command}: {err or 'interrupted'}", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

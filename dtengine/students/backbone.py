@@ -1,0 +1,26 @@
+"""The student backbone: any timm model, as a `features_only` multi-scale feature extractor."""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+from torch import nn
+
+from dtengine.errors import StudentError
+
+
+def create_backbone(model_name: str) -> nn.Module:
+    """Build `timm.create_model(model_name, features_only=True)` with random weights, offline.
+
+    Raises:
+        StudentError: the name is not a timm model (the message suggests the closest names).
+    """
+    if not timm.is_model(model_name):
+        close = difflib.get_close_matches(model_name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(close)}?" if close else "; see `timm.list_models()` for valid names"
+        raise StudentError(f"student.model '{model_name}' is not a timm model{hint}")
+    try:
+        return timm.create_model(model_name, pretrained=False, features_only=True)
+    except (RuntimeError, AssertionError, TypeError) as err:
+        raise StudentError(f"timm model '{model_name}' cannot be built as a feature extractor: {err}") from err

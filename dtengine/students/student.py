@@ -1,0 +1,74 @@
+"""The distillation student: timm backbone + feature regressor, with levels matched to the teacher by stride."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dtengine.errors import ConfigError, StudentError
+from dtengine.students.backbone import create_backbone
+from dtengine.students.regressor import FeatureRegressor
+from dtengine.teachers.base import TeacherLevel
+
+
+@dataclass
+class StudentConfig:
+    """The backbone being pretrained and the regressor head used only during distillation."""
+
+    model: str = "resnet18"
+    """Any timm model name that supports `features_only` (e.g. resnet18 for the demo, resnet50, convnext_base)."""
+    regressor_channels: int = 256
+    """FPN width of the feature regressor (paper: 256)."""
+    pool_scales: list[int] = field(default_factory=lambda: [1, 2, 3, 6])
+    """Pyramid pooling scales on the last stage (paper: 1, 2, 3, 6)."""
+
+    def __post_init__(self) -> None:
+        if self.regressor_channels <= 0:
+            raise ConfigError(f"student.regressor_channels must be positive, got {self.regressor_channels}")
+        if not self.pool_scales or min(self.pool_scales) <= 0:
+            raise ConfigError(f"student.pool_scales must be positive integers, got {list(self.pool_scales)}")
+
+
+class DistillationStudent(nn.Module):
+    """images in [0, 1] -> predictions of the teacher's (whitened) features, one map per teacher level.
+
+    Attributes:
+        backbone: the timm `features_only` model; the only part exported after pretraining.
+        regressor: PPM + FPN + projections; discarded after pretraining.
+    """
+
+    def __init__(self, cfg: StudentConfig, teacher_levels: Sequence[TeacherLevel]):
+        super().__init__()
+        self.model_name = cfg.model
+        self.backbone = create_backbone(cfg.model)
+        strides = self.backbone.feature_info.reduction()
+        channels = self.backbone.feature_info.channels()
+        teacher_strides = [level.stride for level in teacher_levels]
+        missing = [s for s in teacher_strides if s not in strides]
+        if missing:
+            raise StudentError(
+                f"teacher levels with stride {missing} have no student level of that stride (student '{cfg.model}' "
+                f"strides: {strides}); choose teacher.blocks whose strides are among them"
+            )
+        # The FPN spans from the finest matched level to the last stage, as in the paper's levels 2..5.
+        self.first_level = strides.index(min(teacher_strides))
+        self.regressor = FeatureRegressor(
+            student_channels=channels[self.first_level :],
+            student_strides=strides[self.first_level :],
+            teacher_channels=[level.channels for level in teacher_levels],
+            teacher_strides=teacher_strides,
+            channels=cfg.regressor_channels,
+            pool_scales=cfg.pool_scales,
+        )
+        data_cfg = self.backbone.pretrained_cfg
+        self.register_buffer("mean", torch.tensor(data_cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(data_cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns [(B, C_l, H_l, W_l)]."""
+        x = (images - self.mean) / self.std
+        feats = self.backbone(x)[self.first_level :]
+        return self.regressor(feats, out_sizes)

@@ -1,0 +1,67 @@
+"""Metrics sinks: one JSON line per logged step, TensorBoard scalars, and a loss-curve PNG at the end."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsLogger:
+    """Appends `{"step": ..., name: value}` rows to `metrics.jsonl` and mirrors them to TensorBoard.
+
+    Appending (not rewriting) keeps the history of a resumed run in one file.
+    """
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+
+    def log(self, step: int, values: dict[str, Any]) -> None:
+        row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}}
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.writer is not None:
+            for name, value in row.items():
+                if name != "step" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_loss_curve(metrics_path: Path, png_path: Path, keys: tuple[str, ...] = ("loss", "mse", "at")) -> Path | None:
+    """Plot each of `keys` against step, one panel per key; returns the PNG path or None if there is no data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = read_metrics(metrics_path)
+    keys = tuple(k for k in keys if any(k in row for row in rows))
+    if not keys:
+        return None
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        points = [(row["step"], row[key]) for row in rows if key in row]
+        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5)
+        ax.set_title(key)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(Path(metrics_path).parent.name)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=110)
+    plt.close(fig)
+    return Path(png_path)

@@ -1,0 +1,67 @@
+"""Optimizer (AdamW or LAMB, from timm) and a warmup + cosine learning-rate schedule."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from timm.optim import create_optimizer_v2
+from torch import nn
+
+from dtengine.errors import ConfigError
+
+OPTIMIZERS = ("adamw", "lamb")
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and schedule (paper, Table 17: AdamW/LAMB, betas 0.9/0.95, wd 0.05, cosine with warmup)."""
+
+    name: str = "adamw"
+    """"adamw" or "lamb" (the paper's ImageNet recipe uses LAMB at batch 2048)."""
+    lr: float = 4e-3
+    """Peak learning rate, reached at the end of warmup."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    weight_decay: float = 0.05
+    """Decoupled weight decay; biases and normalisation weights are exempt."""
+    warmup_steps: int = 100
+    """Linear warmup from 0 to `lr` over this many optimizer steps."""
+    min_lr_ratio: float = 0.0
+    """Cosine decay ends at lr * min_lr_ratio."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value (0 disables clipping)."""
+
+    def __post_init__(self) -> None:
+        if self.name not in OPTIMIZERS:
+            raise ConfigError(f"optim.name must be one of {OPTIMIZERS}, got {self.name!r}")
+        if self.lr <= 0:
+            raise ConfigError(f"optim.lr must be positive, got {self.lr}")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values, got {list(self.betas)}")
+        if self.warmup_steps < 0 or self.grad_clip < 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0, optim.min_lr_ratio in [0, 1]")
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    # timm excludes biases and norm weights from weight decay, as the paper's recipes assume.
+    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+
+
+class WarmupCosine:
+    """Multiplier on the peak lr at optimizer step `step`: linear warmup, then cosine to `min_ratio`."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_ratio: float):
+        self.warmup_steps, self.total_steps, self.min_ratio = warmup_steps, total_steps, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    schedule = WarmupCosine(min(cfg.warmup_steps, total_steps), total_steps, cfg.min_lr_ratio)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)

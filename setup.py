@@ -1,0 +1,41 @@
+"""dtengine: DreamTeacher-style distillation of generative models into image backbones.
+
+Two import packages are installed: `dtengine` (the engine) and `dtkernels` (the Triton kernels in ./kernels).
+The kernels folder is installed under the name `dtkernels` because `kernels` on the package registry is an
+unrelated, widely installed project; importing `kernels` must never pick up the wrong one.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dtengine",
+    version="0.1.0",
+    description="Pretrain image backbones by distilling diffusion-model features (DreamTeacher)",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dtengine", "dtengine.*"]) + ["dtkernels"],
+    package_dir={"dtkernels": "kernels"},
+    package_data={"dtengine": ["assets/*/*.json", "assets/*/*.png", "assets/*/*/*.json", "assets/*/*/*.safetensors"]},
+    include_package_data=True,
+    install_requires=[
+        "torch>=2.4",
+        "torchvision",
+        "timm>=1.0.9",
+        "diffusers>=0.30",
+        "webdataset>=0.2.86",
+        "braceexpand",
+        "safetensors",
+        "omegaconf>=2.3",
+        "pyyaml",
+        "numpy",
+        "pillow",
+        "tqdm",
+        "matplotlib",
+        "tensorboard",
+    ],
+    extras_require={
+        "dali": ["nvidia-dali-cuda130"],
+        "xformers": ["xformers"],
+        "dev": ["pytest>=8", "ruff>=0.6"],
+    },
+    entry_points={"console_scripts": ["dtengine=dtengine.cli:main"]},
+)
