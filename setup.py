@@ -14,8 +14,9 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dtengine", "dtengine.*"]) + ["dtkernels"],
     package_dir={"dtkernels": "kernels"},
-    package_data={"dtengine": ["assets/*/*.json", "assets/*/*.png", "assets/*/*/*.json", "assets/*/*/*.safetensors"]},
-    include_package_data=True,
+    # The shipped teacher is data inside the package (no __init__.py in assets/), so list it as package data.
+    package_data={"dtengine": ["assets/**/*.json", "assets/**/*.png", "assets/**/*.safetensors"]},
+    include_package_data=False,
     install_requires=[
         "torch>=2.4",
         "torchvision",

@@ -49,3 +49,24 @@ def test_train_teacher_rejects_bad_keys(capsys):
 @pytest.mark.parametrize("bad", ["model.norm_num_groups=7", "ema_decay=1.5"])
 def test_train_teacher_validates_values(capsys, bad):
     assert main(["train-teacher", bad]) == 2
+
+
+def test_interrupted_training_still_leaves_a_teacher(capsys, tiny_shards, tmp_path, monkeypatch):
+    from dtengine.data import ShardStream
+
+    real_epoch = ShardStream.epoch
+
+    def epoch_then_ctrl_c(self, epoch, skip_batches=0):
+        batches = real_epoch(self, epoch, skip_batches)
+        yield next(batches)
+        yield next(batches)
+        raise KeyboardInterrupt  # what Ctrl-C raises in the main process
+
+    monkeypatch.setattr(ShardStream, "epoch", epoch_then_ctrl_c)
+    out = tmp_path / "teacher"
+    argv = ["train-teacher", "--out", str(out), f"data.shards={tiny_shards}", "data.image_size=32"]
+    argv += ["data.batch_size=4", "data.num_workers=0", "model.block_out_channels=[16,16,32,32]"]
+    argv += ["model.norm_num_groups=8", "model.attention_head_dim=8", "steps=50", "progress=false"]
+    assert main(argv) == 130
+    assert "interrupted at step 3; saved the EMA teacher of step 2" in capsys.readouterr().err
+    assert build_diffusion_teacher(TeacherConfig(path=str(out), blocks=[0])).levels[0].stride == 8

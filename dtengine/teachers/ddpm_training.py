@@ -64,11 +64,16 @@ class TeacherTrainingConfig:
     log_every: int = 10
     num_samples: int = 16
     """Images drawn with 50 DDIM steps at the end for samples.png (0 = skip)."""
+    save_every: int = 0
+    """Also save the EMA teacher every this many steps (0 = only at the end). Each save replaces the last one
+    atomically; Ctrl-C saves too, so an interrupted run still leaves a usable teacher."""
     progress: bool = True
 
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.lr <= 0 or not 0 <= self.ema_decay < 1:
             raise ConfigError("steps and lr must be positive and ema_decay in [0, 1)")
+        if self.save_every < 0:
+            raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
 
 
 def build_unet(image_size: int, arch: UNetArchConfig):
@@ -151,33 +156,51 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
     metrics = MetricsLogger(out_dir, tensorboard=False)
     (out_dir / "train_teacher_config.json").write_text(json.dumps(_to_dict(cfg), indent=2))
 
+    def save_ema(step: int) -> None:
+        ema.store(unet.parameters())
+        ema.copy_to(unet.parameters())
+        save_teacher_pipeline(unet, scheduler, out_dir)
+        ema.restore(unet.parameters())
+        metrics.log(step, {"saved_teacher": 1})
+
     epoch, batches = 0, stream.epoch(0)
     bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, desc="train-teacher")
-    running, window_start = 0.0, time.perf_counter()
-    for step in range(1, cfg.steps + 1):
-        batch = next(batches, None)
-        while batch is None:
-            epoch += 1
-            batches = stream.epoch(epoch)
+    running, window_start, step = 0.0, time.perf_counter(), 0
+    try:
+        for step in range(1, cfg.steps + 1):
             batch = next(batches, None)
-        x0 = random_hflip(batch["image"].to(device).float() / 127.5 - 1)  # (B, 3, H, W) in [-1, 1]
-        noise = torch.randn_like(x0)
-        t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), device=device)
-        loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        warmup.step()
-        ema.step(unet.parameters())
-        running += loss.item()
-        bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
-            n = step % cfg.log_every or cfg.log_every
-            elapsed = time.perf_counter() - window_start
-            metrics.log(step, {"loss": running / n, "img_per_s": n * x0.shape[0] / elapsed, "epoch": epoch})
-            bar.set_postfix(loss=f"{running / n:.4f}", refresh=False)
-            running, window_start = 0.0, time.perf_counter()
+            while batch is None:
+                epoch += 1
+                batches = stream.epoch(epoch)
+                batch = next(batches, None)
+            x0 = random_hflip(batch["image"].to(device).float() / 127.5 - 1)  # (B, 3, H, W) in [-1, 1]
+            noise = torch.randn_like(x0)
+            t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), device=device)
+            loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+            optimizer.step()
+            warmup.step()
+            ema.step(unet.parameters())
+            running += loss.item()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                n = step % cfg.log_every or cfg.log_every
+                elapsed = time.perf_counter() - window_start
+                metrics.log(step, {"loss": running / n, "img_per_s": n * x0.shape[0] / elapsed, "epoch": epoch})
+                bar.set_postfix(loss=f"{running / n:.4f}", refresh=False)
+                running, window_start = 0.0, time.perf_counter()
+            if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+                save_ema(step)
+    except KeyboardInterrupt:
+        bar.close()
+        completed = step - 1  # the step in flight did not finish
+        if completed > 0:
+            save_ema(completed)
+        metrics.close()
+        saved = f"saved the EMA teacher of step {completed} to {out_dir}" if completed > 0 else "nothing saved"
+        raise KeyboardInterrupt(f"interrupted at step {step}; {saved}") from None
     bar.close()
     metrics.close()
     ema.copy_to(unet.parameters())
