@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test lint format clean-runs
+.PHONY: demo test bench lint format clean-runs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,9 @@ test: $(INSTALLED)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+bench: $(INSTALLED)
+	$(PY) benchmarks/bench_step.py
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

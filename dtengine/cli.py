@@ -41,6 +41,21 @@ def _train_teacher(args: argparse.Namespace) -> None:
     print(f"teacher saved to {out_dir} (use it with teacher.path={out_dir})")
 
 
+def _train_interpreter(args: argparse.Namespace) -> None:
+    from dtengine.config import load_config
+    from dtengine.teachers.interpreter_training import InterpreterTrainingConfig, train_interpreter
+
+    overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
+    cfg = load_config(args.config, overrides, schema=InterpreterTrainingConfig)
+    weights, held_out = train_interpreter(cfg)
+    if held_out is not None:
+        print(
+            f"held-out mIoU: {held_out['miou']:.4f} (pixel accuracy {held_out['pixel_accuracy']:.4f}) "
+            f"on {held_out['images']} images of {cfg.val_shards}"
+        )
+    print(f"interpreter saved to {weights} (use it with distill.interpreter={weights.parent})")
+
+
 def _make_shards(args: argparse.Namespace) -> None:
     from dtengine.data.shards import make_shards_from_folder
 
@@ -71,6 +86,18 @@ def build_parser() -> argparse.ArgumentParser:
     teacher.add_argument("--config", help="YAML config for TeacherTrainingConfig")
     teacher.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. steps=500 data.batch_size=32")
     teacher.set_defaults(func=_train_teacher)
+
+    interpreter = commands.add_parser(
+        "train-interpreter", help="train the label interpreter on a frozen teacher's features (label distillation)"
+    )
+    interpreter.add_argument("--out", help="output directory (same as out_dir=DIR)")
+    interpreter.add_argument("--config", help="YAML config for InterpreterTrainingConfig")
+    interpreter.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. num_labelled=20 steps=300")
+    interpreter.set_defaults(func=_train_interpreter)
+
+    from dtengine.eval.command import add_eval_command
+
+    add_eval_command(commands)
 
     shards = commands.add_parser("make-shards", help="turn an image folder into WebDataset shards + DALI indexes")
     shards.add_argument("--from-folder", required=True, help="folder searched recursively for jpg/png/webp")

@@ -21,6 +21,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from dtengine.data.loader import DataConfig
 from dtengine.errors import ConfigError
 from dtengine.losses.feature_distillation import LossConfig
+from dtengine.losses.label_distillation import DistillConfig
 from dtengine.students.student import StudentConfig
 from dtengine.teachers.diffusion import TeacherConfig
 from dtengine.train.checkpoint import CheckpointConfig
@@ -38,6 +39,7 @@ class RunConfig:
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     student: StudentConfig = field(default_factory=StudentConfig)
     loss: LossConfig = field(default_factory=LossConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

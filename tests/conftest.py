@@ -65,3 +65,40 @@ def tiny_run_overrides(tiny_shards, tiny_teacher_dir, tmp_path) -> list[str]:
         "train.progress=false",
         "checkpoint.every=2",
     ]
+
+
+@pytest.fixture(scope="session")
+def tiny_val_shards(tiny_shards) -> str:
+    """The held-out shards (16 images, with label maps) of the dataset `tiny_shards` belongs to."""
+    return str(Path(tiny_shards).parent / "val-*.tar")
+
+
+@pytest.fixture(scope="session")
+def tiny_interpreter_overrides(tiny_shards, tiny_val_shards, tiny_teacher_dir) -> list[str]:
+    """train-interpreter overrides for a seconds-long CPU run on the tiny teacher (blocks 0, 1 as in distill)."""
+    return [
+        f"data.shards={tiny_shards}",
+        f"data.image_size={TINY_IMAGE}",
+        "data.batch_size=4",
+        f"val_shards={tiny_val_shards}",
+        "num_val=8",
+        "num_labelled=6",
+        f"teacher.path={tiny_teacher_dir}",
+        "teacher.blocks=[0,1]",
+        "channels=32",
+        "steps=3",
+        "log_every=1",
+        "progress=false",
+    ]
+
+
+@pytest.fixture(scope="session")
+def tiny_interpreter_dir(tiny_interpreter_overrides, tmp_path_factory) -> Path:
+    """An interpreter trained for 3 steps on the tiny teacher's blocks 0, 1 (the levels `tiny_run_overrides` use)."""
+    from dtengine.config import load_config
+    from dtengine.teachers.interpreter_training import InterpreterTrainingConfig, train_interpreter
+
+    out = tmp_path_factory.mktemp("interpreter")
+    cfg = load_config(None, [*tiny_interpreter_overrides, f"out_dir={out}"], schema=InterpreterTrainingConfig)
+    weights, _ = train_interpreter(cfg)
+    return weights.parent

@@ -1,7 +1,16 @@
-"""Students: a timm backbone plus the feature regressor that predicts the teacher's levels."""
+"""Students: a timm backbone plus the feature regressor that predicts the teacher's levels (and a logit head)."""
 
 from dtengine.students.backbone import create_backbone
+from dtengine.students.logit_head import LogitHead
 from dtengine.students.regressor import FeatureRegressor, PyramidPoolingModule
-from dtengine.students.student import DistillationStudent, StudentConfig
+from dtengine.students.student import DistillationStudent, StudentConfig, StudentOutput
 
-__all__ = ["DistillationStudent", "FeatureRegressor", "PyramidPoolingModule", "StudentConfig", "create_backbone"]
+__all__ = [
+    "DistillationStudent",
+    "FeatureRegressor",
+    "LogitHead",
+    "PyramidPoolingModule",
+    "StudentConfig",
+    "StudentOutput",
+    "create_backbone",
+]

@@ -76,7 +76,10 @@ class FeatureRegressor(nn.Module):
 
     def forward(self, student_feats: Sequence[Tensor], out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
         """Args: student maps (finest first); the (H, W) of each teacher level. Returns one map per teacher level."""
-        pyramid = self.pyramid(student_feats)
+        return self.project_pyramid(self.pyramid(student_feats), out_sizes)
+
+    def project_pyramid(self, pyramid: Sequence[Tensor], out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
+        """The per-teacher-level 1x1 projections of an FPN output (`pyramid`), resized to `out_sizes`."""
         outputs = []
         for project, level, size in zip(self.project, self.source_level, out_sizes):
             out = project(pyramid[level])

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from dtengine.errors import ConfigError, StudentError
 from dtengine.students.backbone import create_backbone
+from dtengine.students.logit_head import LogitHead
 from dtengine.students.regressor import FeatureRegressor
 from dtengine.teachers.base import TeacherLevel
 
@@ -32,15 +34,35 @@ class StudentConfig:
             raise ConfigError(f"student.pool_scales must be positive integers, got {list(self.pool_scales)}")
 
 
+class StudentOutput(NamedTuple):
+    features: list[Tensor]  # one (B, C_l, H_l, W_l) prediction per teacher level; [] without projections
+    logits: Tensor | None  # (B, K, H / s, W / s) class logits at the finest FPN level's stride s; None without head
+
+
 class DistillationStudent(nn.Module):
-    """images in [0, 1] -> predictions of the teacher's (whitened) features, one map per teacher level.
+    """images in [0, 1] -> predictions of the teacher's (whitened) features, one map per teacher level, and, for
+    label / mixed distillation, class logits.
+
+    Args:
+        cfg: backbone and decoder sizes.
+        teacher_levels: the levels to predict; their finest stride also sets where the FPN starts.
+        num_classes: > 0 adds a `LogitHead` on the FPN's finest output (label / mixed distillation).
+        predict_features: False builds no per-level projections (label-only distillation uses the PPM + FPN
+            decoder for its logits but regresses no features).
 
     Attributes:
         backbone: the timm `features_only` model; the only part exported after pretraining.
         regressor: PPM + FPN + projections; discarded after pretraining.
+        logit_head: None, or the class-logit head; discarded after pretraining.
     """
 
-    def __init__(self, cfg: StudentConfig, teacher_levels: Sequence[TeacherLevel]):
+    def __init__(
+        self,
+        cfg: StudentConfig,
+        teacher_levels: Sequence[TeacherLevel],
+        num_classes: int = 0,
+        predict_features: bool = True,
+    ):
         super().__init__()
         self.model_name = cfg.model
         self.backbone = create_backbone(cfg.model)
@@ -55,20 +77,27 @@ class DistillationStudent(nn.Module):
             )
         # The FPN spans from the finest matched level to the last stage, as in the paper's levels 2..5.
         self.first_level = strides.index(min(teacher_strides))
+        projected = list(teacher_levels) if predict_features else []
         self.regressor = FeatureRegressor(
             student_channels=channels[self.first_level :],
             student_strides=strides[self.first_level :],
-            teacher_channels=[level.channels for level in teacher_levels],
-            teacher_strides=teacher_strides,
+            teacher_channels=[level.channels for level in projected],
+            teacher_strides=[level.stride for level in projected],
             channels=cfg.regressor_channels,
             pool_scales=cfg.pool_scales,
         )
+        self.logit_head = LogitHead(cfg.regressor_channels, num_classes) if num_classes > 0 else None
         data_cfg = self.backbone.pretrained_cfg
         self.register_buffer("mean", torch.tensor(data_cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(data_cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
 
+    def predict(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> StudentOutput:
+        """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns features and logits."""
+        x = (images - self.mean) / self.std
+        pyramid = self.regressor.pyramid(self.backbone(x)[self.first_level :])
+        logits = self.logit_head(pyramid[0]) if self.logit_head is not None else None
+        return StudentOutput(self.regressor.project_pyramid(pyramid, out_sizes), logits)
+
     def forward(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
         """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns [(B, C_l, H_l, W_l)]."""
-        x = (images - self.mean) / self.std
-        feats = self.backbone(x)[self.first_level :]
-        return self.regressor(feats, out_sizes)
+        return self.predict(images, out_sizes).features

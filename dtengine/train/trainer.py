@@ -1,4 +1,4 @@
-"""The distillation loop: loader -> teacher features -> student features -> regressor -> loss -> step.
+"""The distillation loop: loader -> teacher features (+ interpreter soft labels) -> student -> loss -> step.
 
 `run_distillation(cfg)` builds every component from its config, trains for `train.steps` optimizer steps and
 leaves in the run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, loss_curve.png and
@@ -23,9 +23,10 @@ from dtengine.data.augment import random_hflip
 from dtengine.data.loader import ShardStream, resolve_shards
 from dtengine.errors import CheckpointError, ConfigError
 from dtengine.export import export_backbone
-from dtengine.losses.feature_distillation import feature_distillation_terms
+from dtengine.losses.label_distillation import distillation_terms, term_names
 from dtengine.students.student import DistillationStudent
 from dtengine.teachers.diffusion import build_diffusion_teacher
+from dtengine.teachers.interpreter import load_interpreter
 from dtengine.train import checkpoint as ckpt
 from dtengine.train.device import autocast, autocast_dtype, resolve_device, use_channels_last
 from dtengine.train.metrics import MetricsLogger, plot_loss_curve
@@ -83,14 +84,26 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def architecture_of(cfg: RunConfig, teacher_levels) -> dict[str, Any]:
-    """What must match for a checkpoint's weights to fit: compared on resume."""
-    return {
+def architecture_of(cfg: RunConfig, teacher_levels, num_classes: int = 0) -> dict[str, Any]:
+    """What must match for a checkpoint's weights to fit: compared on resume.
+
+    Label / mixed runs add their mode and logit-head classes; feature runs keep the keys they always had, so
+    their older checkpoints still resume.
+    """
+    architecture = {
         "student": cfg.student.model,
         "regressor_channels": cfg.student.regressor_channels,
         "pool_scales": list(cfg.student.pool_scales),
         "teacher_levels": [[lvl.block, lvl.stride, lvl.channels] for lvl in teacher_levels],
     }
+    if cfg.distill.mode != "feature":
+        architecture.update(distill_mode=cfg.distill.mode, logit_head_classes=num_classes)
+    return architecture
+
+
+def new_window(names: tuple[str, ...]) -> dict[str, float]:
+    """Running sums of the logged quantities between two metrics rows."""
+    return {**dict.fromkeys(names, 0.0), "images": 0, "wait": 0.0, "steps": 0, "skipped": 0}
 
 
 class BatchCursor:
@@ -127,13 +140,19 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
     seed_everything(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     teacher = build_diffusion_teacher(cfg.teacher, device)
-    student = DistillationStudent(cfg.student, teacher.levels).to(device)
+    mode = cfg.distill.mode
+    # Frozen and in eval mode (no dropout); it reads the features of the teacher pass the student learns from.
+    interpreter = load_interpreter(cfg.distill.interpreter, teacher.levels, device) if mode != "feature" else None
+    num_classes = interpreter.num_classes if interpreter is not None else 0
+    student = DistillationStudent(cfg.student, teacher.levels, num_classes, predict_features=mode != "label")
+    student = student.to(device)
     if use_channels_last(device):
         student = student.to(memory_format=torch.channels_last)
         teacher = teacher.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(student, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    architecture = architecture_of(cfg, teacher.levels)
+    architecture = architecture_of(cfg, teacher.levels, num_classes)
+    names = term_names(mode)
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if resume:
@@ -172,7 +191,7 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
     student.train()
     bar = tqdm(total=cfg.train.steps, initial=step, disable=not cfg.train.progress, unit="step", dynamic_ncols=True)
     first_loss = final_loss = None
-    window = {"loss": 0.0, "mse": 0.0, "at": 0.0, "images": 0, "wait": 0.0, "steps": 0, "skipped": 0}
+    window = new_window(names)
     window_start = time.perf_counter()
     last_saved = step
     try:
@@ -188,11 +207,17 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
                 if cfg.train.hflip:
                     images = random_hflip(images)
                 target = teacher(images)
+                soft_labels = None
+                if interpreter is not None:
+                    with torch.no_grad():
+                        soft_labels = interpreter(target.features)  # (B, K, H / s, W / s) logits
                 with autocast(device, amp_dtype):
-                    predicted = student(target.images, [f.shape[-2:] for f in target.features])
-                terms = feature_distillation_terms(predicted, target.features, cfg.loss)
+                    predicted = student.predict(target.images, [f.shape[-2:] for f in target.features])
+                terms = distillation_terms(
+                    predicted.features, target.features, predicted.logits, soft_labels, cfg.loss, cfg.distill
+                )
                 (terms["loss"] / cfg.train.grad_accum).backward()
-                for name in ("loss", "mse", "at"):
+                for name in names:
                     window[name] += terms[name].item() / cfg.train.grad_accum
                 window["images"] += images.shape[0]
             grad_norm = torch.nn.utils.clip_grad_norm_(
@@ -210,9 +235,7 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
                 elapsed = time.perf_counter() - window_start
                 n = window["steps"]
                 row = {
-                    "loss": window["loss"] / n,
-                    "mse": window["mse"] / n,
-                    "at": window["at"] / n,
+                    **{name: window[name] / n for name in names},
                     "lr": lr,
                     "grad_norm": grad_norm.item(),
                     "img_per_s": window["images"] / elapsed,
@@ -224,8 +247,7 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
                 first_loss = row["loss"] if first_loss is None else first_loss
                 final_loss = row["loss"]
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}", refresh=False)
-                window = dict.fromkeys(window, 0)
-                window.update(loss=0.0, mse=0.0, at=0.0, wait=0.0)
+                window = new_window(names)
                 window_start = time.perf_counter()
             if step % cfg.checkpoint.every == 0 or step == cfg.train.steps:
                 save(step)
@@ -240,5 +262,5 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
     bar.close()
     metrics.close()
     backbone_path = export_backbone(student.backbone, cfg.student.model, run_dir / "backbone.safetensors")
-    curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png")
+    curve = plot_loss_curve(run_dir / "metrics.jsonl", run_dir / "loss_curve.png", keys=("loss", "mse", "at", "ld"))
     return RunResult(run_dir, step, first_loss, final_loss, backbone_path, curve)

@@ -1,0 +1,78 @@
+"""Results out: aggregation (mean, std over seeds), the terminal table, eval.json and the bar chart."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from dtengine.train.checkpoint import atomic_write
+
+METRICS = {
+    "dense_miou": "dense probe mIoU",
+    "dense_pixel_acc": "dense probe pixel acc",
+    "global_top1": "global probe top-1",
+    "finetune_miou": "fine-tune mIoU",
+}
+"""Reported metric key -> label in the table and chart."""
+
+
+def aggregate(per_seed: list[float]) -> dict[str, Any]:
+    """{"per_seed", "mean", "std"}; std is the sample std (n - 1), 0.0 for a single seed."""
+    std = statistics.stdev(per_seed) if len(per_seed) > 1 else 0.0
+    return {"per_seed": per_seed, "mean": statistics.fmean(per_seed), "std": std}
+
+
+def format_table(models: dict[str, dict[str, Any]]) -> str:
+    """Rows = models, columns = metrics, cells "mean ± std" ("n/a" where a metric does not apply)."""
+    header = ["model", *METRICS.values()]
+    rows = [header]
+    for name, result in models.items():
+        cells = [name]
+        for key in METRICS:
+            value = result["metrics"].get(key)
+            cells.append("n/a" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` as indented JSON, atomically."""
+    atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
+    return path
+
+
+def plot_results(path: Path, models: dict[str, dict[str, Any]], title: str = "") -> Path:
+    """Grouped bar chart: one group per metric, one bar per model, std over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(models)
+    width = 0.8 / max(1, len(names))
+    fig, ax = plt.subplots(figsize=(2.2 * len(METRICS) + 1, 4))
+    for i, name in enumerate(names):
+        means, stds, xs = [], [], []
+        for j, key in enumerate(METRICS):
+            value = models[name]["metrics"].get(key)
+            if value is not None:
+                xs.append(j + (i - (len(names) - 1) / 2) * width)
+                means.append(value["mean"])
+                stds.append(0.0 if math.isnan(value["std"]) else value["std"])
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label=name)
+    ax.set_xticks(range(len(METRICS)), list(METRICS.values()))
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score (held-out)")
+    ax.set_title(title)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,144 @@
+"""One evaluation: load the data and the models, run every metric for every seed, write the report."""
+
+from __future__ import annotations
+
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+
+import dtengine
+from dtengine.config import config_to_dict
+from dtengine.errors import ConfigError, OutputDirError
+from dtengine.eval.config import BASELINES, EvalConfig
+from dtengine.eval.data import load_labelled_split
+from dtengine.eval.finetune import finetune_segmentation
+from dtengine.eval.probes import cache_features, dense_linear_probe, global_linear_probe
+from dtengine.eval.report import aggregate, format_table, plot_results, write_json
+from dtengine.eval.sources import load_student_checkpoint, random_source, teacher_source
+from dtengine.eval.supervised import supervised_source
+from dtengine.train.device import resolve_device
+
+
+@dataclass
+class EvalResult:
+    """Where the report went and what it says."""
+
+    out_dir: Path
+    json_path: Path
+    chart_path: Path
+    table: str
+    results: dict[str, Any]
+    """The eval.json payload."""
+
+
+def _prepare_out_dir(out_dir: Path) -> Path:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        probe = out_dir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise OutputDirError(f"eval output directory '{out_dir}' is not writable ({err.strerror})") from None
+    return out_dir
+
+
+def run_evaluation(
+    cfg: EvalConfig, checkpoint: str, baselines: Sequence[str] = (), seeds: int = 1, out_dir: str | None = None
+) -> EvalResult:
+    """Evaluate a distilled student and the requested baselines under one protocol; write the report.
+
+    Args:
+        cfg: the protocol.
+        checkpoint: run directory, step_*.pt, or exported backbone.safetensors.
+        baselines: any of "random", "teacher", "supervised" (duplicates ignored).
+        seeds: repeats of every metric, with seeds cfg.seed .. cfg.seed + seeds - 1.
+        out_dir: report folder (None = `<run dir>/eval`).
+
+    Returns:
+        The report's paths, table and numbers.
+
+    Raises:
+        DTEngineError: bad checkpoint, data, config or output directory (one-line messages).
+    """
+    unknown = [b for b in baselines if b not in BASELINES]
+    if unknown or seeds < 1:
+        raise ConfigError(f"--baseline must be among {BASELINES} and --seeds >= 1; got {unknown or seeds}")
+    started = time.perf_counter()
+    device = resolve_device(cfg.device)
+    student = load_student_checkpoint(checkpoint)
+    out = _prepare_out_dir(Path(out_dir) if out_dir else student.run_dir / "eval")
+    data, show = cfg.data, cfg.progress
+    train = load_labelled_split(
+        data.train_shards, data.image_size, data.num_classes, data.builtin_root, data.max_train_images, show
+    )
+    val = load_labelled_split(
+        data.val_shards, data.image_size, data.num_classes, data.builtin_root, data.max_val_images, show
+    )
+    if cfg.teacher_path:
+        student.teacher.path = cfg.teacher_path
+    builders = {
+        "student": lambda: student.source,
+        "random": lambda: random_source(student.model_name, cfg.seed),
+        "teacher": lambda: teacher_source(student.teacher, cfg.seed, device),
+        "supervised": lambda: supervised_source(
+            student.model_name, train, data.num_classes, cfg.supervised, cfg.seed, device, show
+        ),
+    }
+    seed_list = [cfg.seed + k for k in range(seeds)]
+    models: dict[str, dict[str, Any]] = {}
+    for name in dict.fromkeys(["student", *baselines]):
+        model_start = time.perf_counter()
+        print(f"eval: {name}", flush=True)
+        source = builders[name]().to(device)
+        build_s = time.perf_counter() - model_start
+        train_feats, val_feats = cache_features(source, train, val, data.batch_size, device, show)
+        runs: dict[str, list[float]] = {"dense_miou": [], "dense_pixel_acc": [], "global_top1": []}
+        for seed in seed_list:
+            dense = dense_linear_probe(
+                train_feats, train.seg, val_feats, val.seg, data.num_classes, cfg.probe, seed, show
+            )
+            runs["dense_miou"].append(dense["miou"])
+            runs["dense_pixel_acc"].append(dense["pixel_acc"])
+            runs["global_top1"].append(global_linear_probe(
+                train_feats, train.cls, val_feats, val.cls, data.num_classes, cfg.probe, seed
+            )["top1"])  # fmt: skip
+        del train_feats, val_feats
+        if source.finetunable:
+            runs["finetune_miou"] = [
+                finetune_segmentation(
+                    source, train, val, data.num_classes, cfg.finetune, seed, device, data.batch_size, show
+                )["miou"]
+                for seed in seed_list
+            ]
+        models[name] = {
+            "metrics": {key: aggregate(values) for key, values in runs.items()},
+            "channels": list(source.channels),
+            "seconds": {"build": round(build_s, 1), "total": round(time.perf_counter() - model_start, 1)},
+        }
+    payload = {
+        "checkpoint": student.description,
+        "student_model": student.model_name,
+        "teacher": config_to_dict(student.teacher),
+        "seeds": seed_list,
+        "models": models,
+        "protocol": config_to_dict(cfg),
+        "data": {"train_images": len(train), "val_images": len(val), "skipped_corrupt": train.skipped_corrupt},
+        "versions": {
+            "dtengine": dtengine.__version__,
+            "torch": torch.__version__,
+            "timm": timm.__version__,
+            "python": platform.python_version(),
+        },
+        "device": str(device) if device.type != "cpu" else f"cpu ({platform.processor() or platform.machine()})",
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    table = format_table(models)
+    json_path = write_json(out / "eval.json", payload)
+    chart = plot_results(out / "eval.png", models, title=f"{student.model_name}: {Path(student.description).name}")
+    return EvalResult(out, json_path, chart, table, payload)
