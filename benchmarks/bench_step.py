@@ -10,6 +10,7 @@ part bounds it (the goal: the teacher and student, never the data wait).
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 from pathlib import Path
 
@@ -81,10 +82,17 @@ def main() -> None:
         "img_per_s": round(args.steps * cfg.data.batch_size / total, 2),
         **{f"{name}_ms": round(1000 * t / args.steps, 2) for name, t in timer.totals.items()},
     }
-    append_csv(Path(args.csv), [row])
-    columns = ["student", "batch", "image_size", "img_per_s"] + [k for k in row if k.endswith("_ms")]
-    print(markdown_table([row], columns))
-    print(f"appended to {args.csv}")
+    csv_path = Path(args.csv)
+    append_csv(csv_path, [row])
+    timing_columns = ["img_per_s"] + [k for k in row if k.endswith("_ms")]
+    print(markdown_table([row], ["student", "batch", "image_size", *timing_columns]))
+    # The markdown report holds every row recorded so far, newest last, next to the CSV.
+    with csv_path.open() as handle:
+        history = list(csv.DictReader(handle))
+    columns = ["date", "commit", "device", "student", "batch", "image_size", *timing_columns]
+    report = csv_path.with_suffix(".md")
+    report.write_text(f"# bench_step results\n\n{markdown_table(history, columns)}\n")
+    print(f"appended to {csv_path}; report: {report}")
 
 
 if __name__ == "__main__":
