@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from dtengine.errors import CheckpointError
 from dtengine.ops import whiten_channels
-from dtengine.students.backbone import create_backbone
+from dtengine.students.backbone import create_backbone, input_normalization
 from dtengine.teachers.diffusion import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
 from dtengine.train.checkpoint import list_checkpoints, load_checkpoint
 
@@ -39,9 +39,9 @@ class BackboneSource(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        cfg = backbone.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+        mean, std = input_normalization(backbone)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
         self.channels: list[int] = list(backbone.feature_info.channels())
 
     def forward(self, images: Tensor) -> list[Tensor]:

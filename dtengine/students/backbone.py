@@ -5,7 +5,8 @@ from __future__ import annotations
 import difflib
 
 import timm
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 from dtengine.errors import StudentError
 
@@ -24,3 +25,11 @@ def create_backbone(model_name: str) -> nn.Module:
         return timm.create_model(model_name, pretrained=False, features_only=True)
     except (RuntimeError, AssertionError, TypeError) as err:
         raise StudentError(f"timm model '{model_name}' cannot be built as a feature extractor: {err}") from err
+
+
+def input_normalization(backbone: nn.Module) -> tuple[Tensor, Tensor]:
+    """(mean, std), each (1, 3, 1, 1), that the timm model expects its [0, 1] input normalised with."""
+    cfg = backbone.pretrained_cfg
+    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
+    return mean, std

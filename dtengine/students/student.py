@@ -6,11 +6,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
-import torch
 from torch import Tensor, nn
 
 from dtengine.errors import ConfigError, StudentError
-from dtengine.students.backbone import create_backbone
+from dtengine.students.backbone import create_backbone, input_normalization
 from dtengine.students.logit_head import LogitHead
 from dtengine.students.regressor import FeatureRegressor
 from dtengine.teachers.base import TeacherLevel
@@ -87,9 +86,9 @@ class DistillationStudent(nn.Module):
             pool_scales=cfg.pool_scales,
         )
         self.logit_head = LogitHead(cfg.regressor_channels, num_classes) if num_classes > 0 else None
-        data_cfg = self.backbone.pretrained_cfg
-        self.register_buffer("mean", torch.tensor(data_cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor(data_cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1))
+        mean, std = input_normalization(self.backbone)
+        self.register_buffer("mean", mean)
+        self.register_buffer("std", std)
 
     def predict(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> StudentOutput:
         """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns features and logits."""
