@@ -12,7 +12,9 @@ setup(
     version="0.1.0",
     description="Pretrain image backbones by distilling diffusion-model features (DreamTeacher)",
     python_requires=">=3.10",
-    packages=find_packages(include=["dtengine", "dtengine.*"]) + ["dtkernels"],
+    packages=find_packages(include=["dtengine", "dtengine.*"])
+    + ["dtkernels"]
+    + [f"dtkernels.{name}" for name in find_packages("kernels")],
     package_dir={"dtkernels": "kernels"},
     # The shipped teacher is data inside the package (no __init__.py in assets/), so list it as package data.
     package_data={"dtengine": ["assets/**/*.json", "assets/**/*.png", "assets/**/*.safetensors"]},
