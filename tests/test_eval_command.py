@@ -83,6 +83,40 @@ def test_eval_writes_json_and_chart(tiny_run, tiny_eval_overrides, capsys):
     assert (tiny_run / "eval" / "eval.png").stat().st_size > 1000
 
 
+def test_compare_runs_and_margins_over_random(tiny_run, tiny_eval_overrides, tmp_path, capsys):
+    fast = [*tiny_eval_overrides, "probe.epochs=1", "finetune.steps=1"]
+    step_file = sorted((tiny_run / "checkpoints").glob("step_*.pt"))[0]
+    out = tmp_path / "cmp"
+    dispatch(
+        "--checkpoint", str(tiny_run), "--compare", f"early={step_file}", "--baseline", "random", "--seeds", "2",
+        "--out", str(out), *fast,
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    report = json.loads((out / "eval.json").read_text())
+    assert list(report["models"]) == ["student", "early", "random"]
+    assert report["compared"] == {"early": str(step_file)}
+    # The random baseline is rebuilt per seed: its two repeats start from different weights.
+    random_runs = report["models"]["random"]["metrics"]["finetune_miou"]["per_seed"]
+    student_runs = report["models"]["student"]["metrics"]["finetune_miou"]["per_seed"]
+    assert len(random_runs) == 2 and len(student_runs) == 2
+    margins = report["versus_random"]
+    assert set(margins) == {"student", "early"}
+    row = margins["student"]["dense_miou"]
+    metrics = report["models"]
+    expected = metrics["student"]["metrics"]["dense_miou"]["mean"] - metrics["random"]["metrics"]["dense_miou"]["mean"]
+    assert row["margin"] == pytest.approx(expected)
+    assert "margin over random" in printed and "early:" in printed
+
+
+def test_compare_labels_must_be_new(tiny_run, tiny_eval_overrides):
+    from dtengine.errors import ConfigError
+
+    for bad in ("random=x", "student=x", "nolabel"):
+        with pytest.raises(ConfigError) as err:
+            dispatch("--checkpoint", str(tiny_run), "--compare", bad, *tiny_eval_overrides)
+        assert "LABEL=RUN" in one_line(err.value)
+
+
 def test_eval_accepts_a_checkpoint_file_and_an_exported_backbone(tiny_run, tiny_eval_overrides, tmp_path):
     fast = [*tiny_eval_overrides, "probe.epochs=1", "finetune.steps=1"]
     step_file = sorted((tiny_run / "checkpoints").glob("step_*.pt"))[-1]

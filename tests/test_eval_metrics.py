@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from dtengine.eval.heads import LevelwiseLinearHead
 from dtengine.eval.metrics import confusion_matrix, mean_iou, pixel_accuracy, top1_accuracy
-from dtengine.eval.report import aggregate, format_table
+from dtengine.eval.report import aggregate, format_margins, format_table, margins_over
 
 
 def test_confusion_miou_and_pixel_accuracy_by_hand():
@@ -66,3 +66,21 @@ def test_ignored_pixels_and_per_class_iou():
     confusion = confusion_matrix(pred, target, num_classes=4)
     assert confusion.sum() == 4  # the 255 pixel counts nowhere
     assert per_class_iou(confusion) == [pytest.approx(1 / 2), pytest.approx(1 / 3), 0.0, None]
+
+
+def test_margins_use_the_larger_std_and_need_more_than_three():
+    models = {
+        "random": {"metrics": {"dense_miou": aggregate([0.20, 0.22, 0.24]), "global_top1": aggregate([0.5])}},
+        "clear": {"metrics": {"dense_miou": aggregate([0.40, 0.41, 0.42])}},  # margin 0.19, std 0.02 -> 9.5
+        "close": {"metrics": {"dense_miou": aggregate([0.26, 0.27, 0.28])}},  # margin 0.05, std 0.02 -> 2.5
+        "one-seed": {"metrics": {"global_top1": aggregate([0.9])}},
+    }
+    margins = margins_over(models, "random")
+    assert margins["clear"]["dense_miou"]["stds"] == pytest.approx(9.5)
+    assert margins["clear"]["dense_miou"]["significant"]
+    assert margins["close"]["dense_miou"]["stds"] == pytest.approx(2.5)
+    assert not margins["close"]["dense_miou"]["significant"]
+    assert margins["one-seed"]["global_top1"] == {"margin": pytest.approx(0.4), "std": 0.0, "stds": None,
+                                                  "significant": False}  # fmt: skip
+    text = format_margins(margins)
+    assert "clear: dense probe mIoU +0.190 (+9.5 std) *" in text and "(n/a)" in text

@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dtengine.errors import TeacherError
+from dtengine.errors import ConfigError, TeacherError
 from dtengine.teachers import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
 from dtengine.teachers.ddpm_training import UNetArchConfig, build_unet
 
@@ -162,3 +162,17 @@ def test_unet_arch_config_validation():
 
     with pytest.raises(ConfigError):
         UNetArchConfig(block_out_channels=[30, 64], norm_num_groups=32)
+
+
+def test_untrained_weights_are_a_seeded_fresh_init(tiny_teacher_dir):
+    def params(**overrides):
+        cfg = TeacherConfig(path=str(tiny_teacher_dir), blocks=[0, 1], **overrides)
+        return torch.cat([p.flatten() for p in build_diffusion_teacher(cfg).unet.parameters()])
+
+    # The fixture teacher is itself a seed-0 init, so compare against other seeds.
+    trained, untrained = params(), params(weights="untrained", untrained_seed=7)
+    assert trained.shape == untrained.shape and not torch.equal(trained, untrained)
+    assert torch.equal(untrained, params(weights="untrained", untrained_seed=7))
+    assert not torch.equal(untrained, params(weights="untrained", untrained_seed=8))
+    with pytest.raises(ConfigError, match="teacher.weights"):
+        TeacherConfig(weights="random")

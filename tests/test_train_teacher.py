@@ -70,3 +70,20 @@ def test_interrupted_training_still_leaves_a_teacher(capsys, tiny_shards, tmp_pa
     assert main(argv) == 130
     assert "interrupted at step 3; saved the EMA teacher of step 2" in capsys.readouterr().err
     assert build_diffusion_teacher(TeacherConfig(path=str(out), blocks=[0])).levels[0].stride == 8
+
+
+def test_init_from_continues_an_existing_teacher(capsys, tiny_shards, tiny_teacher_dir, tmp_path):
+    import torch
+
+    common = [f"data.shards={tiny_shards}", "data.batch_size=4", "data.num_workers=0", "progress=false"]
+    common += [f"init_from={tiny_teacher_dir}", "num_samples=0", "lr=1e-9", "warmup_steps=1"]
+    out = tmp_path / "continued"
+    assert main(["train-teacher", "--out", str(out), "data.image_size=32", "steps=1", *common]) == 0
+    start = build_diffusion_teacher(TeacherConfig(path=str(tiny_teacher_dir), blocks=[0]))
+    continued = build_diffusion_teacher(TeacherConfig(path=str(out), blocks=[0]))
+    assert continued.unet.config.block_out_channels == start.unet.config.block_out_channels
+    for a, b in zip(start.unet.parameters(), continued.unet.parameters()):  # one step at lr 1e-9 barely moves
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    capsys.readouterr()
+    assert main(["train-teacher", "--out", str(tmp_path / "wrong"), "data.image_size=64", "steps=1", *common]) == 2
+    assert "trained at 32 px but data.image_size is 64" in capsys.readouterr().err

@@ -13,7 +13,7 @@ def _eval(args: argparse.Namespace) -> None:
     from dtengine.eval.runner import run_evaluation
 
     cfg = load_config(args.config, args.overrides, schema=EvalConfig)
-    result = run_evaluation(cfg, args.checkpoint, args.baseline or [], args.seeds, args.out)
+    result = run_evaluation(cfg, args.checkpoint, args.baseline or [], args.seeds, args.out, args.compare or [])
     print(result.table)
     print(f"eval.json: {result.json_path}")
     print(f"chart: {result.chart_path}")
@@ -30,6 +30,10 @@ def add_eval_command(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--baseline", action="append", choices=BASELINES,
         help="also evaluate this model under the same protocol (repeatable); supervised is the positive control",
+    )  # fmt: skip
+    parser.add_argument(
+        "--compare", action="append", metavar="LABEL=RUN",
+        help="also evaluate another distilled student (repeatable), e.g. untrained=runs/control",
     )  # fmt: skip
     parser.add_argument("--seeds", type=int, default=1, help="repeats of every metric; mean and std are reported")
     parser.add_argument("--config", help="YAML file for EvalConfig")

@@ -41,6 +41,51 @@ def format_table(models: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+SIGNIFICANT_STDS = 3.0
+"""A model beats the reference on a metric when its mean margin exceeds this many standard deviations."""
+
+
+def margins_over(models: dict[str, dict[str, Any]], reference: str) -> dict[str, dict[str, dict[str, Any]]]:
+    """Every other model's margin over `reference`, per metric both have.
+
+    The noise scale is the larger of the two models' std over seeds (conservative: neither model's spread may
+    explain the margin). With a single seed there is no spread, so nothing is called significant.
+
+    Returns:
+        {model: {metric: {"margin", "std", "stds", "significant"}}}; "stds" is None when std is 0.
+    """
+    ref = models[reference]["metrics"]
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, result in models.items():
+        if name == reference:
+            continue
+        rows = {}
+        for key, value in result["metrics"].items():
+            if key not in ref:
+                continue
+            margin = value["mean"] - ref[key]["mean"]
+            std = max(value["std"], ref[key]["std"])
+            stds = margin / std if std > 0 else None
+            rows[key] = {
+                "margin": margin, "std": std, "stds": stds,
+                "significant": stds is not None and stds > SIGNIFICANT_STDS,
+            }  # fmt: skip
+        out[name] = rows
+    return out
+
+
+def format_margins(margins: dict[str, dict[str, dict[str, Any]]], reference: str = "random") -> str:
+    """One line per model: its margin over `reference` on each metric, in absolute terms and in stds."""
+    lines = [f"margin over {reference} (mean difference; in units of the larger std over seeds; * = > 3 std):"]
+    for name, rows in margins.items():
+        cells = []
+        for key, row in rows.items():
+            stds = "n/a" if row["stds"] is None else f"{row['stds']:+.1f} std"
+            cells.append(f"{METRICS[key]} {row['margin']:+.3f} ({stds}){' *' if row['significant'] else ''}")
+        lines.append(f"  {name}: " + "; ".join(cells))
+    return "\n".join(lines)
+
+
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write `payload` as indented JSON, atomically."""
     atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2).encode()))

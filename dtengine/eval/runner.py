@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import platform
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ from dtengine.eval.config import BASELINES, EvalConfig
 from dtengine.eval.data import load_labelled_split
 from dtengine.eval.finetune import finetune_segmentation
 from dtengine.eval.probes import cache_features, dense_linear_probe, global_linear_probe
-from dtengine.eval.report import aggregate, format_table, plot_results, write_json
+from dtengine.eval.report import aggregate, format_margins, format_table, margins_over, plot_results, write_json
 from dtengine.eval.sources import load_student_checkpoint, random_source, teacher_source
 from dtengine.eval.supervised import supervised_source
 from dtengine.train.device import resolve_device
@@ -48,17 +48,37 @@ def _prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+SEEDED_BASELINES = ("random", "supervised")
+"""Baselines rebuilt for every seed: their initialisation is part of what a repeat varies, not only the probes'."""
+
+
+def _parse_compare(compare: Sequence[str]) -> dict[str, str]:
+    runs: dict[str, str] = {}
+    for item in compare:
+        label, sep, path = item.partition("=")
+        if not sep or not label or not path or label in ("student", *BASELINES) or label in runs:
+            raise ConfigError(
+                f"--compare wants LABEL=RUN with a new label (not student, {', '.join(BASELINES)}), got {item!r}"
+            )
+        runs[label] = path
+    return runs
+
+
 def run_evaluation(
-    cfg: EvalConfig, checkpoint: str, baselines: Sequence[str] = (), seeds: int = 1, out_dir: str | None = None
-) -> EvalResult:
+    cfg: EvalConfig, checkpoint: str, baselines: Sequence[str] = (), seeds: int = 1, out_dir: str | None = None,
+    compare: Sequence[str] = (),
+) -> EvalResult:  # fmt: skip
     """Evaluate a distilled student and the requested baselines under one protocol; write the report.
 
     Args:
         cfg: the protocol.
         checkpoint: run directory, step_*.pt, or exported backbone.safetensors.
         baselines: any of "random", "teacher", "supervised" (duplicates ignored).
-        seeds: repeats of every metric, with seeds cfg.seed .. cfg.seed + seeds - 1.
+        seeds: repeats of every metric, with seeds cfg.seed .. cfg.seed + seeds - 1. A repeat re-draws the probes'
+            and fine-tuning's initialisation and batch order, and rebuilds the random and supervised baselines.
         out_dir: report folder (None = `<run dir>/eval`).
+        compare: "LABEL=RUN" items: more distilled students evaluated beside the first (e.g. the untrained-teacher
+            control run).
 
     Returns:
         The report's paths, table and numbers.
@@ -72,6 +92,7 @@ def run_evaluation(
     started = time.perf_counter()
     device = resolve_device(cfg.device)
     student = load_student_checkpoint(checkpoint)
+    compared = {label: load_student_checkpoint(path) for label, path in _parse_compare(compare).items()}
     out = _prepare_out_dir(Path(out_dir) if out_dir else student.run_dir / "eval")
     data, show = cfg.data, cfg.progress
     train = load_labelled_split(
@@ -82,24 +103,26 @@ def run_evaluation(
     )
     if cfg.teacher_path:
         student.teacher.path = cfg.teacher_path
-    builders = {
-        "student": lambda: student.source,
-        "random": lambda: random_source(student.model_name, cfg.seed),
-        "teacher": lambda: teacher_source(student.teacher, cfg.seed, device),
-        "supervised": lambda: supervised_source(
-            student.model_name, train, data.num_classes, cfg.supervised, cfg.seed, device, show
+    builders: dict[str, Callable[[int], torch.nn.Module]] = {
+        "student": lambda seed: student.source,
+        **{label: (lambda seed, run=run: run.source) for label, run in compared.items()},
+        "random": lambda seed: random_source(student.model_name, seed),
+        "teacher": lambda seed: teacher_source(student.teacher, cfg.seed, device),
+        "supervised": lambda seed: supervised_source(
+            student.model_name, train, data.num_classes, cfg.supervised, seed, device, show
         ),
     }
     seed_list = [cfg.seed + k for k in range(seeds)]
     models: dict[str, dict[str, Any]] = {}
-    for name in dict.fromkeys(["student", *baselines]):
+    for name in dict.fromkeys(["student", *compared, *baselines]):
         model_start = time.perf_counter()
         print(f"eval: {name}", flush=True)
-        source = builders[name]().to(device)
-        build_s = time.perf_counter() - model_start
-        train_feats, val_feats = cache_features(source, train, val, data.batch_size, device, show)
         runs: dict[str, list[float]] = {"dense_miou": [], "dense_pixel_acc": [], "global_top1": []}
+        source = None
         for seed in seed_list:
+            if source is None or name in SEEDED_BASELINES:
+                source = builders[name](seed).to(device)
+                train_feats, val_feats = cache_features(source, train, val, data.batch_size, device, show)
             dense = dense_linear_probe(
                 train_feats, train.seg, val_feats, val.seg, data.num_classes, cfg.probe, seed, show
             )
@@ -108,25 +131,24 @@ def run_evaluation(
             runs["global_top1"].append(global_linear_probe(
                 train_feats, train.cls, val_feats, val.cls, data.num_classes, cfg.probe, seed
             )["top1"])  # fmt: skip
-        del train_feats, val_feats
-        if source.finetunable:
-            runs["finetune_miou"] = [
-                finetune_segmentation(
+            if source.finetunable:
+                runs.setdefault("finetune_miou", []).append(finetune_segmentation(
                     source, train, val, data.num_classes, cfg.finetune, seed, device, data.batch_size, show
-                )["miou"]
-                for seed in seed_list
-            ]
+                )["miou"])  # fmt: skip
+        del train_feats, val_feats
         models[name] = {
             "metrics": {key: aggregate(values) for key, values in runs.items()},
             "channels": list(source.channels),
-            "seconds": {"build": round(build_s, 1), "total": round(time.perf_counter() - model_start, 1)},
+            "seconds": round(time.perf_counter() - model_start, 1),
         }
     payload = {
         "checkpoint": student.description,
+        "compared": {label: run.description for label, run in compared.items()},
         "student_model": student.model_name,
         "teacher": config_to_dict(student.teacher),
         "seeds": seed_list,
         "models": models,
+        "versus_random": margins_over(models, "random") if "random" in models else {},
         "protocol": config_to_dict(cfg),
         "data": {"train_images": len(train), "val_images": len(val), "skipped_corrupt": train.skipped_corrupt},
         "versions": {
@@ -139,6 +161,8 @@ def run_evaluation(
         "seconds": round(time.perf_counter() - started, 1),
     }
     table = format_table(models)
+    if payload["versus_random"]:
+        table += "\n\n" + format_margins(payload["versus_random"])
     json_path = write_json(out / "eval.json", payload)
     chart = plot_results(out / "eval.png", models, title=f"{student.model_name}: {Path(student.description).name}")
     return EvalResult(out, json_path, chart, table, payload)

@@ -64,6 +64,9 @@ class TeacherTrainingConfig:
     log_every: int = 10
     num_samples: int = 16
     """Images drawn with 50 DDIM steps at the end for samples.png (0 = skip)."""
+    init_from: str = ""
+    """Start from this teacher's U-Net weights ("builtin" = the shipped teacher, or a folder written by
+    train-teacher) instead of random ones, to train an existing teacher further; `model` is then ignored."""
     save_every: int = 0
     """Also save the EMA teacher every this many steps (0 = only at the end). Each save replaces the last one
     atomically; Ctrl-C saves too, so an interrupted run still leaves a usable teacher."""
@@ -136,6 +139,20 @@ def _save_samples(unet, scheduler, cfg: TeacherTrainingConfig, device, path: Pat
     plt.close(fig)
 
 
+def _initial_unet(cfg: TeacherTrainingConfig):
+    if not cfg.init_from:
+        return build_unet(cfg.data.image_size, cfg.model)
+    from dtengine.teachers.diffusion import load_diffusion_components
+
+    unet, _ = load_diffusion_components(cfg.init_from)  # one-line errors for missing / corrupt folders
+    if unet.config.sample_size != cfg.data.image_size:
+        raise ConfigError(
+            f"init_from teacher '{cfg.init_from}' was trained at {unet.config.sample_size} px but data.image_size is "
+            f"{cfg.data.image_size}; use the same size"
+        )
+    return unet
+
+
 def train_teacher(cfg: TeacherTrainingConfig) -> Path:
     """Train the DDPM as configured; returns the output directory (a valid `teacher.path`)."""
     from diffusers import DDPMScheduler
@@ -147,7 +164,7 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
     resolve_shards(cfg.data.shards, cfg.data.builtin_root, cfg.data.image_size)
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
-    unet = build_unet(cfg.data.image_size, cfg.model).to(device).train()
+    unet = _initial_unet(cfg).to(device).train()
     scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule="linear")
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)

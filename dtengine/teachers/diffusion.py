@@ -19,6 +19,7 @@ from dtengine.teachers.base import TeacherLevel, TeacherOutput
 
 FEATURE_POINTS = ("before_upsample", "after_upsample")
 PRECISIONS = ("auto", "fp32", "bf16")
+WEIGHTS = ("trained", "untrained")
 BUILTIN_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "teacher-shapes64"
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 
@@ -38,12 +39,19 @@ class TeacherConfig:
     """Read a block's output before its upsampler (at the block's own resolution) or after it."""
     precision: str = "auto"
     """"auto": bf16 on a CUDA device that supports it, fp32 elsewhere; or force "fp32" / "bf16"."""
+    weights: str = "trained"
+    """"trained": the weights in `path`. "untrained": the same architecture with diffusers' random initialisation
+    (seeded by `untrained_seed`): the control run that shows whether the teacher's training is what the student
+    learns from."""
+    untrained_seed: int = 0
 
     def __post_init__(self) -> None:
         from dtengine.errors import ConfigError
 
         if self.feature_point not in FEATURE_POINTS:
             raise ConfigError(f"teacher.feature_point must be one of {FEATURE_POINTS}, got {self.feature_point!r}")
+        if self.weights not in WEIGHTS:
+            raise ConfigError(f"teacher.weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"teacher.precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.blocks:
@@ -225,5 +233,15 @@ def _up_block_forward(block: nn.Module, hidden: Tensor, res_samples: tuple[Tenso
 
 
 def build_diffusion_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> DiffusionTeacher:
+    """The frozen teacher `cfg` describes, on `device`."""
     unet, scheduler = load_diffusion_components(cfg.path)
+    if cfg.weights == "untrained":
+        unet = untrained_copy(unet, cfg.untrained_seed)
     return DiffusionTeacher(unet, scheduler, cfg).to(device)
+
+
+def untrained_copy(unet: nn.Module, seed: int) -> nn.Module:
+    """A freshly initialised `UNet2DModel` of `unet`'s architecture, drawn under `torch.manual_seed(seed)`."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return type(unet).from_config(unet.config)
