@@ -93,6 +93,7 @@ def compile_kernel(
     arch: int,
     num_warps: int = 4,
     num_stages: int = 2,
+    divisible_by_16: tuple[str, ...] = (),
 ) -> CompiledKernel:
     """Compile `fn` (a `@triton.jit` function, not an autotuner) for `sm_<arch>` and inspect the result.
 
@@ -101,11 +102,15 @@ def compile_kernel(
         signature: Triton type string per runtime argument, e.g. {"x_ptr": "*bf16", "n": "i32"}.
         constexprs: values for the `tl.constexpr` arguments.
         arch: compute capability as an int (80, 90).
+        divisible_by_16: arguments a real launch sees as multiples of 16 (pointers from torch allocations, strides
+            and sizes divisible by 16). The JIT specialises on this at run time; without it, loads cannot be
+            vectorised or software-pipelined (no cp.async / TMA), and registers and shared memory differ.
     """
     jit_fn = fn  # accept an @autotune / @heuristics wrapper: compile the kernel inside
     while not isinstance(jit_fn, triton.runtime.JITFunction) and hasattr(jit_fn, "fn"):
         jit_fn = jit_fn.fn
-    source = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs)
+    attrs = {(jit_fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in divisible_by_16}
+    source = ASTSource(fn=jit_fn, signature=signature, constexprs=constexprs, attrs=attrs)
     compiled = triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )

@@ -1,5 +1,6 @@
 """Public ops. Each dispatches between a fused kernel (from `kernels/`) and its pure-PyTorch reference."""
 
+from dtengine.ops.attention import attention, attention_reference
 from dtengine.ops.feature_loss import (
     FeatureRegressionLoss,
     attention_map,
@@ -10,7 +11,9 @@ from dtengine.ops.feature_loss import (
 
 __all__ = [
     "FeatureRegressionLoss",
+    "attention",
     "attention_map",
+    "attention_reference",
     "feature_regression_loss",
     "feature_regression_loss_reference",
     "whiten_channels",

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from dtengine.errors import TeacherError
+from dtengine.teachers.attention_processor import ATTENTION_IMPLEMENTATIONS, use_dtengine_attention
 from dtengine.teachers.base import TeacherLevel, TeacherOutput
 
 FEATURE_POINTS = ("before_upsample", "after_upsample")
@@ -44,6 +45,9 @@ class TeacherConfig:
     (seeded by `untrained_seed`): the control run that shows whether the teacher's training is what the student
     learns from."""
     untrained_seed: int = 0
+    attention: str = "dtengine"
+    """Self-attention implementation: "dtengine" routes it through `dtengine.ops.attention` (Triton on CUDA,
+    SDPA otherwise; DTENGINE_ATTENTION_BACKEND forces one), "diffusers" keeps diffusers' default processor."""
 
     def __post_init__(self) -> None:
         from dtengine.errors import ConfigError
@@ -54,6 +58,8 @@ class TeacherConfig:
             raise ConfigError(f"teacher.weights must be one of {WEIGHTS}, got {self.weights!r}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"teacher.precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.attention not in ATTENTION_IMPLEMENTATIONS:
+            raise ConfigError(f"teacher.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
         if not self.blocks:
             raise ConfigError("teacher.blocks is empty; list at least one decoder block index, e.g. [0, 1, 2]")
         if sorted(set(self.blocks)) != list(self.blocks):
@@ -118,6 +124,8 @@ class DiffusionTeacher(nn.Module):
         self.scheduler = scheduler
         self.cfg = cfg
         self._check(unet, scheduler, cfg)
+        if cfg.attention == "dtengine":
+            use_dtengine_attention(self.unet)
         self.levels = self._describe_levels()
         self.last_block = max(cfg.blocks)
 

@@ -1,0 +1,56 @@
+"""The launch configurations the attention kernels ship with: one small table, chosen by padded head dim.
+
+The head dim D is padded inside the kernels to BLOCK_D = max(16, next power of two of D) (tl.dot needs a
+power-of-two inner dimension of at least 16); the padded lanes are masked, never stored in memory. Block
+sizes shrink as BLOCK_D grows so the tiles fit shared memory and the fp32 accumulators fit registers on both
+A100 (sm_80) and H100 (sm_90); every row is AOT-compiled for both by tests/test_kernels_attention_aot.py.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MAX_HEAD_DIM = 160
+HEAD_DIMS = (32, 40, 64, 72, 80, 128, 160)  # the head dims the teachers use; all AOT-checked
+SUPPORTED_DTYPES = ("float16", "bfloat16")  # on GPU; fp32 runs only in Triton's interpreter (tests)
+
+
+@dataclass(frozen=True)
+class KernelConfig:
+    """Tile sizes and launch parameters of one kernel at one padded head dim."""
+
+    block_m: int  # query rows per program
+    block_n: int  # key/value rows per inner-loop step
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class AttentionConfigs:
+    """Configurations of the three kernels (forward, backward dK/dV, backward dQ) for one BLOCK_D."""
+
+    forward: KernelConfig
+    backward_dkdv: KernelConfig  # block_n: key rows owned by a program; block_m: query rows per step
+    backward_dq: KernelConfig  # block_m: query rows owned by a program; block_n: key rows per step
+
+
+# Forward: large query tiles amortise the K/V loads (FlashAttention-2's layout). Backward dK/dV: each program owns
+# a key tile and keeps two fp32 accumulators (dK, dV) of block_n x BLOCK_D, so block_n shrinks with BLOCK_D.
+CONFIGS: dict[int, AttentionConfigs] = {
+    16: AttentionConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(32, 64, 4, 3), KernelConfig(64, 32, 4, 3)),
+    32: AttentionConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(32, 128, 4, 3), KernelConfig(128, 32, 4, 3)),
+    64: AttentionConfigs(KernelConfig(128, 64, 4, 3), KernelConfig(32, 128, 8, 3), KernelConfig(128, 32, 4, 3)),
+    128: AttentionConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
+    256: AttentionConfigs(KernelConfig(64, 32, 4, 2), KernelConfig(16, 64, 8, 2), KernelConfig(64, 16, 8, 2)),
+}
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """BLOCK_D for a head dim: the next power of two, at least 16."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def configs_for(head_dim: int) -> AttentionConfigs:
+    if not 1 <= head_dim <= MAX_HEAD_DIM:
+        raise ValueError(f"Triton attention supports head dims 1..{MAX_HEAD_DIM}, got {head_dim}")
+    return CONFIGS[padded_head_dim(head_dim)]

@@ -1,0 +1,327 @@
+"""Flash-style attention in Triton: forward with online softmax, backward for dQ, dK, dV.
+
+    O = softmax(scale * Q K^T) V          Q, K, V, O: (B, H, N, D), any strides; non-causal, no mask
+
+Forward (per query tile of BLOCK_M rows, looping over key tiles of BLOCK_N rows; the N x N matrix never exists):
+    s     = scale * log2(e) * q k^T                  scores in base 2, so the kernel uses exp2
+    m'    = max(m, rowmax(s))                        running row maximum
+    p     = 2^(s - m'),  alpha = 2^(m - m')          alpha rescales what was accumulated under the old maximum
+    l     = alpha * l + rowsum(p),  acc = alpha * acc + p v
+    O     = acc / l,  LSE = ln(2) * (m + log2(l))    natural-log sum of exp(scale * q k^T), kept for the backward
+
+Backward (FlashAttention-2): with P = exp(scale * Q K^T - LSE) recomputed tile by tile and dO the upstream grad,
+    delta = rowsum(dO * O)                           = rowsum(P * dP), computed once by a small preprocess kernel
+    dV    = P^T dO,  dP = dO V^T,  dS = P * (dP - delta)
+    dQ    = scale * dS K,  dK = scale * dS^T Q
+One kernel owns a key tile and loops over queries (dK, dV); a second owns a query tile and loops over keys (dQ),
+so no program ever needs atomics.
+
+Head dims that are not a power of two (40, 72, 80, 160) are padded to BLOCK_D inside the kernel by masked loads
+(padded lanes read 0, contribute 0 to every dot product, and are never stored); N need not be a multiple of any
+block size (out-of-range keys get score -inf, out-of-range queries are never stored).
+
+Cautions: fp16/bf16 on GPU (fp32 accumulate); fp32 inputs would run tl.dot in TF32, so the op layer sends fp32
+on CUDA elsewhere. Under TRITON_INTERPRET=1 (set before Triton is imported) the same kernels run on CPU tensors
+in Triton's interpreter (fp32, slow: tests only). Q, K and V share one sequence length (self-attention).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dtkernels.attention.configs import configs_for, padded_head_dim
+
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    Q,  # (B, H, N, D) queries
+    K,  # (B, H, N, D) keys
+    V,  # (B, H, N, D) values
+    O,  # (B, H, N, D) output  # noqa: E741
+    LSE,  # (B, H, N) fp32, contiguous: natural-log softmax normaliser per query row
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_ob, stride_oh, stride_on, stride_od,
+    num_heads,
+    seq_len,
+    scale_log2e,  # softmax scale times log2(e)
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):  # fmt: skip
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)  # int64: base offsets of big batches overflow int32
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < seq_len
+
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    k_base = K + batch * stride_kb + head * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + batch * stride_vb + head * stride_vh + offs_d[None, :] * stride_vd
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        offs_kv = start_n + offs_n
+        kv_valid = offs_kv < seq_len
+        kv_mask = kv_valid[:, None] & d_mask[None, :]
+        k = tl.load(k_base + offs_kv[:, None] * stride_kn, mask=kv_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k)) * scale_log2e  # (BLOCK_M, BLOCK_N)
+        s = tl.where(kv_valid[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        p = tl.exp2(s - m_new[:, None])
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_base + offs_kv[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+
+    acc = acc / l_i[:, None]
+    tl.store(LSE + batch_head * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
+    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit
+def _attention_bwd_delta_kernel(
+    O,  # (B, H, N, D) forward output  # noqa: E741
+    DO,  # (B, H, N, D) upstream gradient
+    DELTA,  # (B, H, N) fp32, contiguous: rowsum(dO * O)
+    stride_ob, stride_oh, stride_on, stride_od,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    num_heads,
+    seq_len,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):  # fmt: skip
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_mask = offs_m < seq_len
+    mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
+    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
+                mask=mask, other=0.0)  # fmt: skip
+    do = tl.load(
+        DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
+        mask=mask,
+        other=0.0,
+    )
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(DELTA + batch_head * seq_len + offs_m, delta, mask=m_mask)
+
+
+@triton.jit
+def _attention_bwd_dkdv_kernel(
+    Q, K, V,  # (B, H, N, D) forward inputs
+    DO,  # (B, H, N, D) upstream gradient
+    DK, DV,  # (B, H, N, D) outputs
+    LSE, DELTA,  # (B, H, N) fp32, contiguous
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
+    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
+    num_heads,
+    seq_len,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows per loop step
+    BLOCK_N: tl.constexpr,  # key rows owned by this program
+):  # fmt: skip
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    n_mask = offs_n < seq_len
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(
+        K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    v = tl.load(
+        V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        mask=kv_mask,
+        other=0.0,
+    )
+    q_base = Q + batch * stride_qb + head * stride_qh + offs_d[None, :] * stride_qd
+    do_base = DO + batch * stride_dob + head * stride_doh + offs_d[None, :] * stride_dod
+    row_base = batch_head * seq_len
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start_m in range(0, seq_len, BLOCK_M):
+        rows = start_m + offs_m
+        row_valid = rows < seq_len
+        q_mask = row_valid[:, None] & d_mask[None, :]
+        q = tl.load(q_base + rows[:, None] * stride_qn, mask=q_mask, other=0.0)
+        do = tl.load(do_base + rows[:, None] * stride_don, mask=q_mask, other=0.0)
+        # An out-of-range query row gets LSE = +inf, so its probabilities (and its dS) are exactly 0.
+        lse = tl.load(LSE + row_base + rows, mask=row_valid, other=float("inf"))
+        delta = tl.load(DELTA + row_base + rows, mask=row_valid, other=0.0)
+        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * (scale * 1.4426950408889634) - lse[None, :] * 1.4426950408889634)
+        dv = tl.dot(p_t.to(do.dtype), do, dv)  # (BLOCK_N, BLOCK_M) @ (BLOCK_M, BLOCK_D)
+        dp_t = tl.dot(v, tl.trans(do))
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+
+    dk_ptrs = DK + batch * stride_dkb + head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
+    dv_ptrs = DV + batch * stride_dvb + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _attention_bwd_dq_kernel(
+    Q, K, V,  # (B, H, N, D) forward inputs
+    DO,  # (B, H, N, D) upstream gradient
+    DQ,  # (B, H, N, D) output
+    LSE, DELTA,  # (B, H, N) fp32, contiguous
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    stride_dqb, stride_dqh, stride_dqn, stride_dqd,
+    num_heads,
+    seq_len,
+    scale,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # query rows owned by this program
+    BLOCK_N: tl.constexpr,  # key rows per loop step
+):  # fmt: skip
+    batch_head = tl.program_id(1)
+    batch = (batch_head // num_heads).to(tl.int64)
+    head = (batch_head % num_heads).to(tl.int64)
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_mask = offs_d < HEAD_DIM
+    m_mask = offs_m < seq_len
+    q_mask = m_mask[:, None] & d_mask[None, :]
+    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
+    do_ptrs = DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
+    lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=m_mask, other=0.0)
+    k_base = K + batch * stride_kb + head * stride_kh + offs_d[None, :] * stride_kd
+    v_base = V + batch * stride_vb + head * stride_vh + offs_d[None, :] * stride_vd
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, seq_len, BLOCK_N):
+        cols = start_n + offs_n
+        col_valid = cols < seq_len
+        kv_mask = col_valid[:, None] & d_mask[None, :]
+        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_mask, other=0.0)
+        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        p = tl.exp2(tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634) - lse[:, None])
+        p = tl.where(col_valid[None, :], p, 0.0)  # padded keys read as 0 would otherwise get weight exp(-LSE)
+        dp = tl.dot(do, tl.trans(v))
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq)
+
+    dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def running_in_interpreter() -> bool:
+    """True when TRITON_INTERPRET=1 was set before Triton was imported: the kernels then take CPU tensors.
+
+    Triton decides at decoration time (for these kernels and for its own helpers such as tl.zeros), so the mode
+    cannot be switched inside a running process; tests run the interpreter in a subprocess.
+    """
+    return not isinstance(_attention_fwd_kernel, triton.runtime.JITFunction)
+
+
+def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
+    if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
+        raise ValueError(
+            f"attention needs q, k, v of one shape (B, H, N, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
+    if not q.dtype == k.dtype == v.dtype:
+        raise ValueError(f"attention needs q, k, v of one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    configs_for(q.shape[-1])  # raises for an unsupported head dim
+
+
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+    """Launch the forward kernel.
+
+    Args:
+        q, k, v: (B, H, N, D), fp16/bf16 on CUDA (fp32 on CPU via the interpreter), any strides.
+        scale: softmax scale, usually D ** -0.5.
+    Returns:
+        out (B, H, N, D) with q's dtype (and q's strides when q is dense), lse (B, H, N) fp32 contiguous.
+    """
+    _check_inputs(q, k, v)
+    batch, heads, seq_len, head_dim = q.shape
+    cfg = configs_for(head_dim).forward
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
+    grid = (triton.cdiv(seq_len, cfg.block_m), batch * heads)
+    _attention_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        heads, seq_len, scale * LOG2E,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out, lse
+
+
+def attention_backward(
+    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Launch the backward kernels (delta preprocess, dK/dV, dQ).
+
+    Args:
+        grad_out: upstream gradient dO, (B, H, N, D).
+        q, k, v, out, lse: the forward's inputs and outputs.
+        scale: the forward's softmax scale.
+    Returns:
+        dq, dk, dv: (B, H, N, D) with the dtypes and (dense) strides of q, k, v.
+    """
+    _check_inputs(q, k, v)
+    batch, heads, seq_len, head_dim = q.shape
+    configs, block_d = configs_for(head_dim), padded_head_dim(head_dim)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    delta = torch.empty_like(lse)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d)
+
+    fwd = configs.forward
+    _attention_bwd_delta_kernel[(triton.cdiv(seq_len, fwd.block_m), batch * heads)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_len, BLOCK_M=fwd.block_m, **common
+    )
+    input_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    cfg = configs.backward_dkdv
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg.block_n), batch * heads)](
+        q, k, v, grad_out, dk, dv, lse, delta, *input_strides, *dk.stride(), *dv.stride(), heads, seq_len, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )  # fmt: skip
+    cfg = configs.backward_dq
+    _attention_bwd_dq_kernel[(triton.cdiv(seq_len, cfg.block_m), batch * heads)](
+        q, k, v, grad_out, dq, lse, delta, *input_strides, *dq.stride(), heads, seq_len, scale,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+    )  # fmt: skip
+    return dq, dk, dv

@@ -1,0 +1,81 @@
+"""Triton attention kernels run by Triton's interpreter (fp32, CPU) against the fp32 reference.
+
+Not collected directly: Triton picks interpreted or compiled kernels when it is imported, so
+tests/test_ops_attention_interpreter.py runs this file in a subprocess with TRITON_INTERPRET=1.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtengine.ops import attention, attention_reference
+from dtkernels.attention import attention_backward, attention_forward, running_in_interpreter
+
+# (B, H, N, D): D=40 and 72 are padded inside the kernel; N=77, 130, 33 are not multiples of any block size.
+SHAPES = [(1, 2, 77, 40), (2, 1, 64, 32), (1, 1, 130, 72), (1, 2, 33, 8)]
+
+
+def test_kernels_are_interpreted():
+    assert running_in_interpreter(), "run with TRITON_INTERPRET=1 set before Python starts"
+
+
+def _reference_grads(q, k, v, upstream, scale):
+    q64, k64, v64 = (t.double().requires_grad_(True) for t in (q, k, v))
+    out = attention_reference(q64, k64, v64, scale)
+    out.backward(upstream.double())
+    lse = torch.logsumexp(q64.detach() @ k64.detach().transpose(-1, -2) * scale, dim=-1)
+    return out.detach(), lse, (q64.grad, k64.grad, v64.grad)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_kernels_match_reference_forward_and_backward(shape):
+    generator = torch.Generator().manual_seed(sum(shape))
+    q, k, v, upstream = (torch.randn(shape, generator=generator) for _ in range(4))
+    scale = shape[-1] ** -0.5
+    out, lse = attention_forward(q, k, v, scale)
+    grads = attention_backward(upstream, q, k, v, out, lse, scale)
+    want_out, want_lse, want_grads = _reference_grads(q, k, v, upstream, scale)
+    torch.testing.assert_close(out, want_out.float(), rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(lse, want_lse.float(), rtol=1e-5, atol=2e-6)
+    for name, got, want in zip("qkv", grads, want_grads):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
+
+
+def test_op_with_triton_backend_on_strided_inputs():
+    # The (B, N, H, D) -> (B, H, N, D) views diffusers produces, through the custom op and its autograd.
+    generator = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 45, 3, 40, generator=generator).transpose(1, 2).requires_grad_(True) for _ in range(3))
+    upstream = torch.randn(2, 3, 45, 40, generator=generator)
+    out = attention(q, k, v, scale=0.2, backend="triton")
+    out.backward(upstream)
+    want_out, _, want_grads = _reference_grads(q.detach(), k.detach(), v.detach(), upstream, 0.2)
+    torch.testing.assert_close(out, want_out.float(), rtol=1e-5, atol=2e-6)
+    for got, want in zip((q.grad, k.grad, v.grad), want_grads):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
+def test_teacher_features_with_triton_processor_match_diffusers(tmp_path, monkeypatch):
+    from diffusers import DDPMScheduler
+
+    import dtkernels.attention
+    from dtengine.teachers import DiffusionTeacher, TeacherConfig
+    from dtengine.teachers.ddpm_training import UNetArchConfig, build_unet
+
+    torch.manual_seed(0)
+    # Attention at the two coarsest of three levels of a 16 px image: 16 and 64 tokens, 2 heads of 16.
+    arch = UNetArchConfig(block_out_channels=[16, 32, 32], attention_levels=2, attention_head_dim=16, norm_num_groups=8)
+    unet, scheduler = build_unet(16, arch), DDPMScheduler(num_train_timesteps=1000)
+    calls = []
+    kernel_forward = dtkernels.attention.attention_forward
+    monkeypatch.setattr(dtkernels.attention, "attention_forward", lambda *a: calls.append(1) or kernel_forward(*a))
+    monkeypatch.setenv("DTENGINE_ATTENTION_BACKEND", "triton")
+    images = torch.rand(2, 3, 16, 16)
+    features = {}
+    for implementation in ("diffusers", "dtengine"):
+        teacher = DiffusionTeacher(unet, scheduler, TeacherConfig(blocks=[0, 1, 2], attention=implementation))
+        torch.manual_seed(1)  # the same noise draw for both
+        features[implementation] = teacher(images).features
+    assert len(calls) == 7, "every attention layer (2 down, 1 mid, 4 up) must run the Triton kernel"
+    for ours, theirs in zip(features["dtengine"], features["diffusers"]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)

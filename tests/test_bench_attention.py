@@ -1,0 +1,30 @@
+"""The attention benchmark runs end to end on CPU in --quick mode and writes CSV, markdown, plot, summary lines."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention.py"
+
+
+def test_bench_attention_quick_on_cpu(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--repeats", "1", "--out-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "device=" in proc.stdout and "commit=" in proc.stdout
+    rows = list(csv.DictReader((tmp_path / "bench_attention_cpu.csv").open()))
+    measured = {r["provider"] for r in rows if r["tflops"]}
+    assert {"sdpa", "sdpa-math", "eager-math"} <= measured
+    triton_rows = [r for r in rows if r["provider"] == "triton"]
+    assert triton_rows and all(r["note"].startswith("not measurable") for r in triton_rows)
+    assert (tmp_path / "bench_attention_cpu.md").read_text().startswith("# Attention benchmark (CPU)")
+    assert (tmp_path / "bench_attention_cpu.png").stat().st_size > 0
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("provider=")]
+    assert len(summary) == len(rows) and "mode=fwd tflops=" in summary[0]
