@@ -7,11 +7,13 @@ from dtengine.ops.feature_loss import (
     feature_regression_loss_reference,
     whiten_channels,
 )
+from dtengine.ops.feature_loss_fused import fused_feature_regression_loss
 
 __all__ = [
     "FeatureRegressionLoss",
     "attention_map",
     "feature_regression_loss",
     "feature_regression_loss_reference",
+    "fused_feature_regression_loss",
     "whiten_channels",
 ]
