@@ -81,6 +81,10 @@ def providers(device: torch.device, compile_reference: bool) -> dict:
     """name -> loss function of (student list, teacher list) returning a 0-dim loss."""
     found = {"eager": lambda s, t: feature_regression_loss_reference(s, t).loss}
     if compile_reference:
+        # bwd mode replays one graph with retain_graph=True, which donated (reused) backward buffers forbid.
+        import torch._functorch.config as functorch_config
+
+        functorch_config.donated_buffer = False
         compiled = torch.compile(feature_regression_loss_reference)
         found["compiled"] = lambda s, t: compiled(s, t).loss
     if device.type == "cuda":
