@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test bench lint format clean-runs
+.PHONY: demo test bench kernel-check lint format clean-runs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ test: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_step.py
+
+# Kernels without a GPU: Triton-interpreter correctness and AOT compile of every shipped config (also in `make test`).
+kernel-check: $(INSTALLED)
+	$(PY) -m pytest -q tests/test_kernels_feature_loss.py tests/test_kernels_aot.py
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

@@ -21,7 +21,7 @@ class LossConfig:
     whiten: bool = True
     """Normalise teacher features by a non-learnable LayerNorm over channels before comparison."""
     backend: str = "auto"
-    """Implementation of `dtengine.ops.feature_regression_loss`: "auto" | "torch"."""
+    """Implementation of `dtengine.ops.feature_regression_loss`: "auto" (Triton on CUDA) | "torch" | "triton"."""
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:

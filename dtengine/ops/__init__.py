@@ -8,6 +8,7 @@ from dtengine.ops.feature_loss import (
     feature_regression_loss_reference,
     whiten_channels,
 )
+from dtengine.ops.feature_loss_fused import fused_feature_regression_loss
 
 __all__ = [
     "FeatureRegressionLoss",
@@ -16,5 +17,6 @@ __all__ = [
     "attention_reference",
     "feature_regression_loss",
     "feature_regression_loss_reference",
+    "fused_feature_regression_loss",
     "whiten_channels",
 ]

@@ -1,71 +1,37 @@
 """`feature_regression_loss`: DreamTeacher's feature-regression objective (MSE + attention transfer).
 
-This module holds the pure-PyTorch fp32 reference. It is the CPU path, the fallback whenever the fused
-Triton kernel cannot run, and the oracle the kernel's tests and benchmarks compare against: change the
-definition here and every backend must follow.
+The public entry point. It dispatches between the pure-PyTorch fp32 reference (`feature_loss_reference`, the CPU
+path and the oracle) and the fused Triton kernel behind a custom op (`feature_loss_fused`).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-LAYERNORM_EPS = 1e-6
-AT_NORM_EPS = 1e-12
-BACKENDS = ("auto", "torch")
+from dtengine.ops.feature_loss_fused import fused_feature_regression_loss
+from dtengine.ops.feature_loss_reference import (
+    FeatureRegressionLoss,
+    attention_map,
+    feature_regression_loss_reference,
+    whiten_channels,
+)
 
+BACKENDS = ("auto", "torch", "triton")
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-class FeatureRegressionLoss(NamedTuple):
-    """Scalar loss and its two terms, each averaged over levels (0-dim fp32 tensors)."""
-
-    loss: Tensor  # mse + at_weight * at
-    mse: Tensor  # mean over levels of mse_l
-    at: Tensor  # mean over levels of at_l
-
-
-def _fp32(x: Tensor) -> Tensor:
-    # fp64 stays fp64 so gradcheck can verify the reference; every lower precision is lifted to fp32.
-    return x if x.dtype == torch.float64 else x.float()
-
-
-def whiten_channels(features: Tensor, eps: float = LAYERNORM_EPS) -> Tensor:
-    """Non-learnable LayerNorm over channels at every pixel (the paper's feature "whitening").
-
-    Shape: (B, C, H, W) -> (B, C, H, W), computed in fp32 (fp64 inputs stay fp64).
-    """
-    x = _fp32(features)
-    mean = x.mean(dim=1, keepdim=True)
-    var = x.var(dim=1, unbiased=False, keepdim=True)
-    return (x - mean) * torch.rsqrt(var + eps)
-
-
-def attention_map(features: Tensor, eps: float = AT_NORM_EPS) -> Tensor:
-    """Spatial attention map of Zagoruyko & Komodakis with p = 2, L2-normalised per sample.
-
-    q[b, p] = sum_c x[b, c, p]^2, qhat[b] = q[b] / max(||q[b]||_2, eps).
-    Shape: (B, C, H, W) -> (B, H*W), fp32.
-    """
-    q = _fp32(features).pow(2).sum(dim=1).flatten(1)  # (B, H*W)
-    return q / q.norm(dim=1, keepdim=True).clamp_min(eps)
-
-
-def feature_regression_loss_reference(
-    student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], at_weight: float = 10.0, whiten: bool = True
-) -> FeatureRegressionLoss:
-    """fp32 reference of `feature_regression_loss`; see there for the definition."""
-    mse_terms, at_terms = [], []
-    for r, g in zip(student_feats, teacher_feats):
-        r = _fp32(r)
-        g = whiten_channels(g.detach()) if whiten else _fp32(g.detach())
-        mse_terms.append((r - g).pow(2).mean())
-        at_terms.append((attention_map(r) - attention_map(g)).norm(dim=1).mean())
-    mse = torch.stack(mse_terms).mean()
-    at = torch.stack(at_terms).mean()
-    return FeatureRegressionLoss(mse + at_weight * at, mse, at)
+__all__ = [
+    "BACKENDS",
+    "FeatureRegressionLoss",
+    "attention_map",
+    "feature_regression_loss",
+    "feature_regression_loss_reference",
+    "resolve_backend",
+    "whiten_channels",
+]
 
 
 def _check_levels(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> None:
@@ -82,16 +48,35 @@ def _check_levels(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tenso
             )
 
 
-def resolve_backend(backend: str) -> str:
-    """Pick the implementation: 'torch' (reference) is the only one until the fused kernel lands.
+def resolve_backend(backend: str, feats: Sequence[Tensor] = ()) -> str:
+    """Pick the implementation for these tensors: "torch" (reference) or "triton" (fused kernel).
 
-    `DTENGINE_DISABLE_TRITON=1` forces the reference whatever is asked for by 'auto'.
+    "auto" takes Triton when every tensor is a CUDA fp32/bf16/fp16 tensor, the reference otherwise.
+    `DTENGINE_DISABLE_TRITON=1` forces the reference whatever was asked for. "triton" on tensors the kernels
+    cannot run on raises a one-line RuntimeError.
     """
     if backend not in BACKENDS:
         raise ValueError(f"feature_regression_loss backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto" or os.environ.get("DTENGINE_DISABLE_TRITON") == "1":
+    if backend == "torch" or os.environ.get("DTENGINE_DISABLE_TRITON") == "1":
         return "torch"
-    return backend
+    on_cuda = all(x.is_cuda and x.dtype in FUSED_DTYPES for x in feats)
+    if backend == "auto":
+        return "triton" if on_cuda and len(feats) > 0 else "torch"
+    if not on_cuda and not _triton_interpreter_runs(feats):
+        raise RuntimeError(
+            "feature_regression_loss backend='triton' needs CUDA fp32/bf16/fp16 tensors (or TRITON_INTERPRET=1 set "
+            "before dtkernels is imported, for the CPU interpreter); use backend='auto' or 'torch' elsewhere"
+        )
+    return "triton"
+
+
+def _triton_interpreter_runs(feats: Sequence[Tensor]) -> bool:
+    try:
+        from dtkernels.feature_loss import can_run_on  # imports triton: only on this error path
+    except ImportError:
+        return False
+
+    return all(can_run_on(x.device) and x.dtype in FUSED_DTYPES for x in feats)
 
 
 def feature_regression_loss(
@@ -112,14 +97,15 @@ def feature_regression_loss(
         at_l   = mean over b of ||qhat_r[b] - qhat_g[b]||_2
         loss   = mean_l (mse_l + at_weight * at_l)
 
-    The teacher receives no gradient. All arithmetic is fp32 whatever the input dtype.
+    The teacher receives no gradient, and neither do the returned mse and at (they are for logging; weigh the
+    terms with at_weight). All arithmetic is fp32 whatever the input dtype.
 
     Args:
         student_feats: regressed student maps, one per level (or a single tensor for one level).
         teacher_feats: teacher maps of the same shapes, not whitened.
         at_weight: lambda_AT, the attention-transfer weight (paper: 10).
         whiten: apply the non-learnable LayerNorm to the teacher maps.
-        backend: "auto" | "torch".
+        backend: "auto" (Triton on CUDA, the reference elsewhere) | "torch" (reference) | "triton" (fused kernel).
 
     Returns:
         FeatureRegressionLoss(loss, mse, at), 0-dim fp32 tensors; mse and at are averaged over levels.
@@ -129,5 +115,7 @@ def feature_regression_loss(
     if isinstance(teacher_feats, Tensor):
         teacher_feats = [teacher_feats]
     _check_levels(student_feats, teacher_feats)
-    resolve_backend(backend)
-    return feature_regression_loss_reference(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten)
+    if resolve_backend(backend, [*student_feats, *teacher_feats]) == "triton":
+        return fused_feature_regression_loss(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten)
+    out = feature_regression_loss_reference(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten)
+    return FeatureRegressionLoss(out.loss, out.mse.detach(), out.at.detach())

@@ -1,0 +1,10 @@
+"""Fused feature-regression loss (whitening + MSE + attention transfer, with d loss / d r), in Triton.
+
+kernel.py holds the @triton.jit kernels and their tile configurations; launcher.py allocates and launches them.
+The autograd / custom_op layer and the pure-PyTorch reference live in `dtengine.ops` (kernels never import the
+engine).
+"""
+
+from dtkernels.feature_loss.launcher import INTERPRETED, FusedFeatureLoss, bytes_moved, can_run_on, feature_loss_forward
+
+__all__ = ["INTERPRETED", "FusedFeatureLoss", "bytes_moved", "can_run_on", "feature_loss_forward"]

@@ -1,0 +1,224 @@
+"""Triton kernels of the fused feature-regression loss (one level; the launcher loops over levels).
+
+Notation, per level: r = regressed student map, g = raw teacher map, both (B, C, H, W) addressed through
+their own strides; P = H * W pixels; a "pixel row" is the C values of one (b, p).
+
+    g~[b, :, p] = (g[b, :, p] - mean[b, p]) * rstd[b, p]         LayerNorm over C, no affine (or g itself)
+    q_r[b, p]   = sum_c r^2,  q_g[b, p] = sum_c g~^2 = m2 * rstd^2   (m2 = sum_c (g - mean)^2)
+    at[b]       = || q_r / max(|q_r|, eps) - q_g / max(|q_g|, eps) ||_2
+
+Gradient of the level's share of the loss, mean_l(mse_l + w * at_l), with respect to r (L levels, N = B*C*P):
+
+    d mse_l / d r = 2 (r - g~) / N
+    d at_l / d r  = (1 / B) * (d at[b] / d q_r[b, p]) * 2 r[b, c, p]
+    d at[b] / d q_r = (u - qhat_r (qhat_r . u)) / |q_r|,  u = (qhat_r - qhat_g) / at[b]   (0 when at[b] = 0)
+
+The per-sample norms and the dot product need every pixel of a sample before any dr can be written, hence two
+passes over r and g with a per-sample reduction of O(B * P) statistics in between:
+
+    _stats_kernel      r, g -> mean, rstd, q_r, q_g                      (B, P) fp32 each
+    _attention_kernel  q_r, q_g -> at (B,), at_coef (B, P) with d at_l / d r = at_coef * r (1/L, 1/B folded in)
+    _grad_kernel       r, g, mean, rstd, at_coef -> dr (like r), sse (B, P) = sum_c (r - g~)^2
+
+Every kernel reads in the input dtype and accumulates in fp32. The channel statistics of g are merged block by
+block with Chan's parallel formula (no E[g^2] - E[g]^2 cancellation when teacher features have a large mean);
+the squared error is summed from the elementwise difference in pass 2 rather than expanded in pass 1, so the
+reported mse stays accurate when r is already close to g~.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# (BLOCK_C, BLOCK_P, num_warps): a [BLOCK_C, BLOCK_P] tile is loaded per step of the channel loop. Wide in P for
+# NCHW (pixels are contiguous), wide in C for channels_last (channels are contiguous); the autotuner keys on the
+# channel stride so each layout keeps its own winner. num_stages=2 keeps shared memory small on every arch.
+PIXEL_TILE_CONFIGS = [
+    triton.Config({"BLOCK_C": 8, "BLOCK_P": 256}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 16, "BLOCK_P": 128}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 64}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 64, "BLOCK_P": 32}, num_warps=4, num_stages=2),
+    triton.Config({"BLOCK_C": 32, "BLOCK_P": 128}, num_warps=8, num_stages=2),
+]
+ATTENTION_BLOCK = 1024  # pixels per step of the per-sample reduction (one program per sample)
+ATTENTION_WARPS = 4
+AUTOTUNE_KEY = ["C", "P", "stride_rc", "stride_gc"]
+
+
+@triton.jit
+def _pixel_offsets(p, W, stride_h, stride_w):
+    # Pixels are flattened as p = h * W + w, but the strides stay separate so non-contiguous views work.
+    return (p // W) * stride_h + (p % W) * stride_w
+
+
+@triton.jit
+def _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C: tl.constexpr):
+    """[BLOCK_C, BLOCK_P] tiles of r and g in fp32 (0 outside the map), their mask and channel indices."""
+    c = c0 + tl.arange(0, BLOCK_C)
+    mask = (c < C)[:, None] & p_mask[None, :]
+    r = tl.load(r_rows[None, :] + c[:, None] * stride_rc, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_rows[None, :] + c[:, None] * stride_gc, mask=mask, other=0.0).to(tl.float32)
+    return r, g, mask, c
+
+
+@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit
+def _stats_kernel(
+    R,  # student map r, (B, C, H, W)
+    G,  # teacher map g, (B, C, H, W)
+    MEAN,  # out: (B, P) fp32, channel mean of g (0 without whitening)
+    RSTD,  # out: (B, P) fp32, 1 / sqrt(var_c(g) + eps) (1 without whitening)
+    Q_R,  # out: (B, P) fp32, sum_c r^2
+    Q_G,  # out: (B, P) fp32, sum_c g~^2
+    C,
+    W,
+    P,
+    stride_rb,
+    stride_rc,
+    stride_rh,
+    stride_rw,
+    stride_gb,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    eps,  # LayerNorm epsilon
+    WHITEN: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    r_rows = R + b.to(tl.int64) * stride_rb + _pixel_offsets(p, W, stride_rh, stride_rw)
+    g_rows = G + b.to(tl.int64) * stride_gb + _pixel_offsets(p, W, stride_gh, stride_gw)
+
+    q_r = tl.zeros([BLOCK_P], dtype=tl.float32)
+    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum of squared deviations from the running mean
+    for c0 in range(0, C, BLOCK_C):
+        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
+        q_r += tl.sum(r * r, axis=0)
+        if WHITEN:
+            # Chan et al.: merge this block's (count, mean, m2) into the running ones.
+            seen = c0 * 1.0  # channels merged so far, as fp32 (c0 is a Python int in the interpreter)
+            count = tl.sum((c < C).to(tl.float32), axis=0)
+            block_mean = tl.sum(g, axis=0) / count
+            centred = tl.where(mask, g - block_mean[None, :], 0.0)
+            delta = block_mean - mean
+            total = seen + count
+            mean += delta * (count / total)
+            m2 += tl.sum(centred * centred, axis=0) + delta * delta * (seen * count / total)
+        else:
+            m2 += tl.sum(g * g, axis=0)
+
+    if WHITEN:
+        rstd = 1.0 / tl.sqrt(m2 / C + eps)
+    else:
+        rstd = tl.full([BLOCK_P], 1.0, dtype=tl.float32)
+    out = b.to(tl.int64) * P + p
+    tl.store(MEAN + out, mean, mask=p_mask)
+    tl.store(RSTD + out, rstd, mask=p_mask)
+    tl.store(Q_R + out, q_r, mask=p_mask)
+    tl.store(Q_G + out, m2 * rstd * rstd, mask=p_mask)
+
+
+@triton.jit
+def _attention_kernel(
+    Q_R,  # (B, P) fp32, sum_c r^2
+    Q_G,  # (B, P) fp32, sum_c g~^2
+    AT,  # out: (B,) fp32, at[b] = |qhat_r - qhat_g|
+    AT_COEF,  # out: (B, P) fp32, d at_l / d r = AT_COEF * r, already times grad_scale
+    P,
+    norm_eps,  # lower clamp of |q| (as in the reference)
+    grad_scale,  # 2 / (num_levels * B): the 2 of d q_r / d r = 2 r and the two means
+    BLOCK: tl.constexpr,
+):
+    b = tl.program_id(0)
+    base = b.to(tl.int64) * P
+    offsets = tl.arange(0, BLOCK)
+
+    sum_rr = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_gg = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        mask = p0 + offsets < P
+        q_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0)
+        q_g = tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0)
+        sum_rr += q_r * q_r
+        sum_gg += q_g * q_g
+    norm_r = tl.sqrt(tl.sum(sum_rr, axis=0))
+    scale_r = 1.0 / tl.maximum(norm_r, norm_eps)
+    scale_g = 1.0 / tl.maximum(tl.sqrt(tl.sum(sum_gg, axis=0)), norm_eps)
+
+    # The distance from the difference itself, not from |a|^2 + |b|^2 - 2 a.b, which cancels when the maps agree.
+    sum_dd = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_rd = tl.zeros([BLOCK], dtype=tl.float32)
+    for p0 in range(0, P, BLOCK):
+        mask = p0 + offsets < P
+        qhat_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0) * scale_r
+        diff = qhat_r - tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0) * scale_g
+        sum_dd += diff * diff
+        sum_rd += qhat_r * diff
+    distance = tl.sqrt(tl.sum(sum_dd, axis=0))
+    tl.store(AT + b, distance)
+
+    inv_distance = tl.where(distance > 0, 1.0 / tl.maximum(distance, 1e-30), 0.0)
+    # Below the clamp the normaliser is the constant eps, so its projection term vanishes (as clamp_min's grad).
+    projection = tl.where(norm_r >= norm_eps, tl.sum(sum_rd, axis=0) * inv_distance, 0.0)
+    for p0 in range(0, P, BLOCK):
+        mask = p0 + offsets < P
+        qhat_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0) * scale_r
+        diff = qhat_r - tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0) * scale_g
+        grad_q = (diff * inv_distance - qhat_r * projection) * scale_r
+        tl.store(AT_COEF + base + p0 + offsets, grad_q * grad_scale, mask=mask)
+
+
+@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY)
+@triton.jit
+def _grad_kernel(
+    R,  # student map r, (B, C, H, W)
+    G,  # teacher map g, (B, C, H, W)
+    DR,  # out: d loss / d r, (B, C, H, W) in r's dtype, own strides
+    MEAN,  # (B, P) fp32
+    RSTD,  # (B, P) fp32
+    AT_COEF,  # (B, P) fp32
+    SSE,  # out: (B, P) fp32, sum_c (r - g~)^2
+    C,
+    W,
+    P,
+    stride_rb,
+    stride_rc,
+    stride_rh,
+    stride_rw,
+    stride_gb,
+    stride_gc,
+    stride_gh,
+    stride_gw,
+    stride_db,
+    stride_dc,
+    stride_dh,
+    stride_dw,
+    mse_scale,  # 2 / (num_levels * N)
+    at_weight,
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    b = tl.program_id(1)
+    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    p_mask = p < P
+    r_rows = R + b.to(tl.int64) * stride_rb + _pixel_offsets(p, W, stride_rh, stride_rw)
+    g_rows = G + b.to(tl.int64) * stride_gb + _pixel_offsets(p, W, stride_gh, stride_gw)
+    dr_rows = DR + b.to(tl.int64) * stride_db + _pixel_offsets(p, W, stride_dh, stride_dw)
+    stats = b.to(tl.int64) * P + p
+    mean = tl.load(MEAN + stats, mask=p_mask, other=0.0)
+    rstd = tl.load(RSTD + stats, mask=p_mask, other=0.0)
+    at_coef = tl.load(AT_COEF + stats, mask=p_mask, other=0.0) * at_weight
+
+    sse = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
+        diff = tl.where(mask, r - (g - mean[None, :]) * rstd[None, :], 0.0)
+        sse += tl.sum(diff * diff, axis=0)
+        dr = mse_scale * diff + at_coef[None, :] * r
+        tl.store(dr_rows[None, :] + c[:, None] * stride_dc, dr.to(DR.dtype.element_ty), mask=mask)
+    tl.store(SSE + stats, sse, mask=p_mask)
