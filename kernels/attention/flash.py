@@ -38,6 +38,20 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _program_batch_head(num_heads):
+    """(batch * num_heads + head, batch, head) of this program; batch and head in int64, because the base offsets
+    of big batches overflow int32."""
+    batch_head = tl.program_id(1)
+    return batch_head, (batch_head // num_heads).to(tl.int64), (batch_head % num_heads).to(tl.int64)
+
+
+@triton.jit
+def _head_ptrs(X, batch, head, offs_d, stride_b, stride_h, stride_d):
+    """(1, BLOCK_D) pointers to row 0 of X[batch, head]; adding rows[:, None] * stride_n addresses a tile of rows."""
+    return X + batch * stride_b + head * stride_h + offs_d[None, :] * stride_d
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q,  # (B, H, N, D) queries
     K,  # (B, H, N, D) keys
@@ -56,19 +70,17 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)  # int64: base offsets of big batches overflow int32
-    head = (batch_head % num_heads).to(tl.int64)
+    batch_head, batch, head = _program_batch_head(num_heads)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_len
 
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = _head_ptrs(Q, batch, head, offs_d, stride_qb, stride_qh, stride_qd) + offs_m[:, None] * stride_qn
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    k_base = K + batch * stride_kb + head * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + batch * stride_vb + head * stride_vh + offs_d[None, :] * stride_vd
+    k_base = _head_ptrs(K, batch, head, offs_d, stride_kb, stride_kh, stride_kd)
+    v_base = _head_ptrs(V, batch, head, offs_d, stride_vb, stride_vh, stride_vd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -90,7 +102,7 @@ def _attention_fwd_kernel(
 
     acc = acc / l_i[:, None]
     tl.store(LSE + batch_head * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
-    o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od
+    o_ptrs = _head_ptrs(O, batch, head, offs_d, stride_ob, stride_oh, stride_od) + offs_m[:, None] * stride_on
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -107,20 +119,15 @@ def _attention_bwd_delta_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
+    batch_head, batch, head = _program_batch_head(num_heads)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_len
     mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o = tl.load(O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_on + offs_d[None, :] * stride_od,
-                mask=mask, other=0.0)  # fmt: skip
-    do = tl.load(
-        DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod,
-        mask=mask,
-        other=0.0,
-    )
+    o_ptrs = _head_ptrs(O, batch, head, offs_d, stride_ob, stride_oh, stride_od) + offs_m[:, None] * stride_on
+    do_ptrs = _head_ptrs(DO, batch, head, offs_d, stride_dob, stride_doh, stride_dod) + offs_m[:, None] * stride_don
+    o = tl.load(o_ptrs, mask=mask, other=0.0)
+    do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + batch_head * seq_len + offs_m, delta, mask=m_mask)
 
@@ -145,27 +152,19 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
 ):  # fmt: skip
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
+    batch_head, batch, head = _program_batch_head(num_heads)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     n_mask = offs_n < seq_len
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k = tl.load(
-        K + batch * stride_kb + head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    v = tl.load(
-        V + batch * stride_vb + head * stride_vh + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-        mask=kv_mask,
-        other=0.0,
-    )
-    q_base = Q + batch * stride_qb + head * stride_qh + offs_d[None, :] * stride_qd
-    do_base = DO + batch * stride_dob + head * stride_doh + offs_d[None, :] * stride_dod
+    k_ptrs = _head_ptrs(K, batch, head, offs_d, stride_kb, stride_kh, stride_kd) + offs_n[:, None] * stride_kn
+    v_ptrs = _head_ptrs(V, batch, head, offs_d, stride_vb, stride_vh, stride_vd) + offs_n[:, None] * stride_vn
+    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
+    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    q_base = _head_ptrs(Q, batch, head, offs_d, stride_qb, stride_qh, stride_qd)
+    do_base = _head_ptrs(DO, batch, head, offs_d, stride_dob, stride_doh, stride_dod)
     row_base = batch_head * seq_len
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -185,8 +184,8 @@ def _attention_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
 
-    dk_ptrs = DK + batch * stride_dkb + head * stride_dkh + offs_n[:, None] * stride_dkn + offs_d[None, :] * stride_dkd
-    dv_ptrs = DV + batch * stride_dvb + head * stride_dvh + offs_n[:, None] * stride_dvn + offs_d[None, :] * stride_dvd
+    dk_ptrs = _head_ptrs(DK, batch, head, offs_d, stride_dkb, stride_dkh, stride_dkd) + offs_n[:, None] * stride_dkn
+    dv_ptrs = _head_ptrs(DV, batch, head, offs_d, stride_dvb, stride_dvh, stride_dvd) + offs_n[:, None] * stride_dvn
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -210,23 +209,21 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
 ):  # fmt: skip
-    batch_head = tl.program_id(1)
-    batch = (batch_head // num_heads).to(tl.int64)
-    head = (batch_head % num_heads).to(tl.int64)
+    batch_head, batch, head = _program_batch_head(num_heads)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_len
     q_mask = m_mask[:, None] & d_mask[None, :]
-    q_ptrs = Q + batch * stride_qb + head * stride_qh + offs_m[:, None] * stride_qn + offs_d[None, :] * stride_qd
+    q_ptrs = _head_ptrs(Q, batch, head, offs_d, stride_qb, stride_qh, stride_qd) + offs_m[:, None] * stride_qn
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do_ptrs = DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_don + offs_d[None, :] * stride_dod
+    do_ptrs = _head_ptrs(DO, batch, head, offs_d, stride_dob, stride_doh, stride_dod) + offs_m[:, None] * stride_don
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=m_mask, other=0.0)
-    k_base = K + batch * stride_kb + head * stride_kh + offs_d[None, :] * stride_kd
-    v_base = V + batch * stride_vb + head * stride_vh + offs_d[None, :] * stride_vd
+    k_base = _head_ptrs(K, batch, head, offs_d, stride_kb, stride_kh, stride_kd)
+    v_base = _head_ptrs(V, batch, head, offs_d, stride_vb, stride_vh, stride_vd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seq_len, BLOCK_N):
@@ -241,7 +238,7 @@ def _attention_bwd_dq_kernel(
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
 
-    dq_ptrs = DQ + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqn + offs_d[None, :] * stride_dqd
+    dq_ptrs = _head_ptrs(DQ, batch, head, offs_d, stride_dqb, stride_dqh, stride_dqd) + offs_m[:, None] * stride_dqn
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 

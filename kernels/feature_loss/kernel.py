@@ -47,9 +47,10 @@ AUTOTUNE_KEY = ["C", "P", "stride_rc", "stride_gc"]
 
 
 @triton.jit
-def _pixel_offsets(p, W, stride_h, stride_w):
+def _pixel_rows(X, b, p, W, stride_b, stride_h, stride_w):
+    """Pointers to channel 0 of pixels p of sample b in a (B, C, H, W) map; add c * stride_c for channel c."""
     # Pixels are flattened as p = h * W + w, but the strides stay separate so non-contiguous views work.
-    return (p // W) * stride_h + (p % W) * stride_w
+    return X + b.to(tl.int64) * stride_b + (p // W) * stride_h + (p % W) * stride_w
 
 
 @triton.jit
@@ -90,8 +91,8 @@ def _stats_kernel(
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
-    r_rows = R + b.to(tl.int64) * stride_rb + _pixel_offsets(p, W, stride_rh, stride_rw)
-    g_rows = G + b.to(tl.int64) * stride_gb + _pixel_offsets(p, W, stride_gh, stride_gw)
+    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw)
+    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw)
 
     q_r = tl.zeros([BLOCK_P], dtype=tl.float32)
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -206,9 +207,9 @@ def _grad_kernel(
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
-    r_rows = R + b.to(tl.int64) * stride_rb + _pixel_offsets(p, W, stride_rh, stride_rw)
-    g_rows = G + b.to(tl.int64) * stride_gb + _pixel_offsets(p, W, stride_gh, stride_gw)
-    dr_rows = DR + b.to(tl.int64) * stride_db + _pixel_offsets(p, W, stride_dh, stride_dw)
+    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw)
+    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw)
+    dr_rows = _pixel_rows(DR, b, p, W, stride_db, stride_dh, stride_dw)
     stats = b.to(tl.int64) * P + p
     mean = tl.load(MEAN + stats, mask=p_mask, other=0.0)
     rstd = tl.load(RSTD + stats, mask=p_mask, other=0.0)
