@@ -1,10 +1,11 @@
 """Attention throughput: dtengine's Triton kernel against SDPA's backends, xformers and the eager math reference.
 
-    python benchmarks/bench_attention.py [--quick] [--dtype bf16] [--out-dir benchmarks/results]
+    python benchmarks/bench_attention.py [--quick] [--dtype bf16] [--csv benchmarks/results/bench_attention_cuda.csv]
 
 TFLOP/s with the forward counted as 4*B*H*N^2*D and the backward as 2.5x that, at the teachers' attention
 shapes (ADM: N=1024, D=64; Stable Diffusion at 512 px: N=4096, D=40/80/160; DiT: N=256, D=72) and a sweep over N
-at D=64. Writes bench_attention_<cpu|cuda>.csv (appended), .md and .png under the output folder, and ends with one
+at D=64. Appends to --csv (default benchmarks/results/bench_attention_<cpu|cuda>.csv), writes the run's .md and
+.png next to it, and ends with one
 line per case: provider=<name> n=<N> d=<D> mode=<fwd|bwd> tflops=<x> vs_best_peer=<ratio>, where the peers are
 SDPA's backends and xformers (a provider is never its own peer).
 
@@ -16,9 +17,7 @@ takes a minute or two; CPU figures say nothing about GPU speed.
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -29,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtengine.ops import attention, attention_reference  # noqa: E402
 from dtengine.ops.attention import triton_unsupported_reason, xformers_unavailable_reason  # noqa: E402
 
-from common import RESULTS, append_csv, environment, markdown_table  # noqa: E402
+from common import DTYPES, RESULTS, default_device, environment, format_environment, save_results, time_ms  # noqa: E402
 
 # name -> (B, H, N, D)
 TEACHER_SHAPES = {
@@ -43,7 +42,6 @@ SWEEP_N = (256, 512, 1024, 2048, 4096, 8192, 16384)
 QUICK_SWEEP_N = (64, 128, 256, 512, 1024)
 SWEEP_TOKENS = 65536  # B*H*N of every sweep point, so each keeps the GPU busy
 PEERS = ("sdpa", "sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "xformers")
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def cases(quick: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
@@ -81,36 +79,22 @@ def providers(device: torch.device) -> dict[str, Callable | str]:
     return found
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, repeats: int) -> float:
-    """Median milliseconds of fn(): triton's do_bench on CUDA, synchronised wall clock on CPU."""
-    if device.type == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8])[0]
-    fn()  # warm-up
-    samples = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        samples.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(samples)
-
-
 def measure(fn: Callable, shape, dtype, device, repeats) -> dict[str, float]:
     """Forward and backward milliseconds of one provider at one shape."""
     q, k, v = (torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
-    fwd = time_ms(lambda: fn(q, k, v), device, repeats)
+    fwd = time_ms(lambda: fn(q, k, v), device, repeats)[0]
     out = fn(q, k, v)
     grad = torch.randn_like(out)
-    bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device, repeats)
+    bwd = time_ms(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), device, repeats)[0]
     return {"fwd": fwd, "bwd": bwd}
 
 
-def run(args) -> list[dict]:
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def run(args) -> tuple[dict, list[dict]]:
+    """(environment incl. dtype, one row per case x provider x mode)."""
+    device = default_device()
     dtype = DTYPES[args.dtype] if device.type == "cuda" else torch.float32
-    env = environment()
-    print(" ".join(f"{k}={v}" for k, v in env.items()), f"dtype={str(dtype).removeprefix('torch.')}")
+    env = {**environment(), "dtype": str(dtype).removeprefix("torch.")}
+    print(format_environment(env), flush=True)
     rows = []
     available = providers(device)
     for case, shape in cases(args.quick):
@@ -130,7 +114,6 @@ def run(args) -> list[dict]:
                 rows.append(
                     {
                         **env,
-                        "dtype": str(dtype).removeprefix("torch."),
                         "case": case,
                         "B": batch,
                         "H": heads,
@@ -144,7 +127,7 @@ def run(args) -> list[dict]:
                     }
                 )
         print(f"measured {case} {shape}", flush=True)
-    return rows
+    return env, rows
 
 
 def add_peer_ratios(rows: list[dict]) -> None:
@@ -182,21 +165,16 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small shapes (for CPU and smoke tests)")
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="CUDA only; CPU runs fp32")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per measurement on CPU")
-    parser.add_argument("--out-dir", default=str(RESULTS))
+    parser.add_argument("--csv", default=None, help="default benchmarks/results/bench_attention_<cpu|cuda>.csv")
     args = parser.parse_args()
 
-    rows = run(args)
+    env, rows = run(args)
     add_peer_ratios(rows)
-    kind = "cuda" if torch.cuda.is_available() else "cpu"
-    out = Path(args.out_dir)
-    append_csv(out / f"bench_attention_{kind}.csv", rows)
+    kind = default_device().type
+    csv_path = Path(args.csv or RESULTS / f"bench_attention_{kind}.csv")
     columns = ["case", "B", "H", "N", "D", "provider", "mode", "ms", "tflops", "vs_best_peer", "note"]
-    env = rows[0]
-    header = f"# Attention benchmark ({kind.upper()})\n\ndevice={env['device']} torch={env['torch']} "
-    header += f"commit={env['commit']} date={env['date']} dtype={env['dtype']} quick={args.quick}\n\n"
-    (out / f"bench_attention_{kind}.md").write_text(header + markdown_table(rows, columns) + "\n")
-    plot(rows, out / f"bench_attention_{kind}.png", env["device"])
-    print(markdown_table(rows, columns))
+    save_results(csv_path, rows, columns, f"Attention benchmark ({kind.upper()})", {**env, "quick": args.quick})
+    plot(rows, csv_path.with_suffix(".png"), env["device"])
     for row in rows:
         print(
             f"provider={row['provider']} n={row['N']} d={row['D']} mode={row['mode']} "

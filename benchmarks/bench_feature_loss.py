@@ -18,9 +18,7 @@ markdown table and a plot next to it, and ends with one summary line per measure
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -29,14 +27,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtengine.ops import feature_regression_loss, feature_regression_loss_reference  # noqa: E402
 from dtkernels.feature_loss import bytes_moved  # noqa: E402
 
-from common import RESULTS, append_csv, environment, markdown_table, synchronize  # noqa: E402
+from common import DTYPES, RESULTS, default_device, environment, format_environment, save_results, time_ms  # noqa: E402
 
 PAPER_LEVELS = [(1024, 8, 8), (1024, 16, 16), (512, 32, 32), (512, 64, 64)]  # (C, H, W) at 256 px
 SWEEP_LEVELS = [(256, 32, 32), (768, 24, 24), (384, 47, 33), (1280, 16, 16)]
 PEAK_BYTES_PER_S = {"H100": 3.35e12, "H200": 4.8e12}  # SXM HBM peaks; PCIe cards get "na"
 MODES = ("fwd", "bwd", "full")
 CPU_NOTE = "CPU run: reference providers only (Triton needs CUDA); CPU figures are not GPU claims. "
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
 def peak_bandwidth(device: torch.device) -> float | None:
@@ -54,27 +51,6 @@ def cases(batch: int, quick: bool) -> list[tuple[str, list[tuple[int, int, int, 
     if not quick:
         found += [(label(*level), [(batch, *level)]) for level in SWEEP_LEVELS]
     return found
-
-
-def time_ms(fn, device: torch.device, reps: int, grad_to_none: list[torch.Tensor]) -> tuple[float, float, float]:
-    """(p50, p20, p80) of fn in milliseconds."""
-    if device.type == "cuda":
-        import triton.testing
-
-        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=grad_to_none)
-        return p50, p20, p80
-    fn()  # warm-up (and compile)
-    samples = []
-    for _ in range(reps):
-        for x in grad_to_none:
-            x.grad = None
-        synchronize(device)
-        start = time.perf_counter()
-        fn()
-        synchronize(device)
-        samples.append(1000 * (time.perf_counter() - start))
-    cuts = statistics.quantiles(samples, n=10, method="inclusive")  # deciles: index 1 = p20, 7 = p80
-    return statistics.median(samples), cuts[1], cuts[7]
 
 
 def providers(device: torch.device, compile_reference: bool) -> dict:
@@ -173,12 +149,12 @@ def main() -> None:
     parser.add_argument("--csv", default=str(RESULTS / "bench_feature_loss.csv"))
     args = parser.parse_args()
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     dtype = DTYPES[args.dtype or ("bf16" if device.type == "cuda" else "fp32")]
     batch = args.batch or (2 if args.quick else 64)
     reps = args.reps or (3 if args.quick else 10)
-    env = {**environment(), "triton": _triton_version()}
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    env = environment()
+    print(format_environment(env))
     if device.type != "cuda":
         print("no CUDA device: measuring the reference providers only; the Triton kernel needs CUDA")
     peak = peak_bandwidth(device)
@@ -194,31 +170,17 @@ def main() -> None:
             ]  # fmt: skip
 
     csv_path = Path(args.csv)
-    append_csv(csv_path, rows)
     columns = ["provider", "mode", "shape", "dtype", "ms_p50", "ms_p20", "ms_p80", "gbps", "pct_peak"]
     columns += ["peak_extra_mib", "vs_eager", "vs_compiled"]
-    table = markdown_table(rows, columns)
-    report = csv_path.with_suffix(".md")
-    report.write_text(
-        f"# bench_feature_loss (latest run)\n\n{' '.join(f'{k}={v}' for k, v in env.items())}\n\n"
-        f"Device: {env['device']}. {'' if device.type == 'cuda' else CPU_NOTE}"
-        "GB/s is the fused kernel's bytes model over the time, for every provider.\n\n"
-        f"{table}\n"
-    )
+    note = f"Device: {env['device']}. {'' if device.type == 'cuda' else CPU_NOTE}"
+    note += "GB/s is the fused kernel's bytes model over the time, for every provider."
+    save_results(csv_path, rows, columns, "bench_feature_loss (latest run)", env, note)
     plot(rows, csv_path.with_suffix(".png"))
-    print(table)
-    print(f"appended to {csv_path}; report: {report}")
     for row in rows:
         print(
             f"provider={row['provider']} mode={row['mode']} shape={row['shape']} ms={row['ms_p50']} gbps={row['gbps']} "
             f"pct_peak={row['pct_peak']} vs_eager={row['vs_eager']} vs_compiled={row['vs_compiled']}"
         )
-
-
-def _triton_version() -> str:
-    import triton
-
-    return triton.__version__
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from dtengine.teachers.diffusion import build_diffusion_teacher  # noqa: E402
 from dtengine.train.device import autocast, autocast_dtype, resolve_device, use_channels_last  # noqa: E402
 from dtengine.train.optim import build_optimizer  # noqa: E402
 
-from common import RESULTS, Timer, append_csv, environment, markdown_table  # noqa: E402
+from common import RESULTS, Timer, append_csv, environment, format_environment, markdown_table  # noqa: E402
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -41,7 +41,7 @@ def main() -> None:
 
     cfg = load_config(args.config, args.overrides)
     env = environment()
-    print(" ".join(f"{k}={v}" for k, v in env.items()))
+    print(format_environment(env))
     torch.manual_seed(cfg.train.seed)
     device = resolve_device(cfg.train.device)
     teacher = build_diffusion_teacher(cfg.teacher, device)

@@ -1,26 +1,49 @@
-"""What every benchmark prints and records: device, versions, commit, date; CSV rows and a markdown table."""
+"""What every benchmark shares: device, versions, commit and date; the timer; CSV rows, markdown report, dtypes."""
 
 from __future__ import annotations
 
 import csv
 import datetime as dt
+import os
 import platform
+import statistics
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def environment() -> dict[str, str]:
+    """device, torch, triton, python, commit, date: the columns every CSV row starts with.
+
+    The commit is `git rev-parse --short HEAD`, or $DTENGINE_COMMIT where that is set (a GPU box that gets a copy
+    of the working tree has no .git), else "unknown".
+    """
+    commit = os.environ.get("DTENGINE_COMMIT", "")
     try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
-        ).stdout.strip()
+        commit = (
+            commit
+            or subprocess.run(
+                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
+            ).stdout.strip()
+        )
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = "none"
     if torch.cuda.is_available():
         device = torch.cuda.get_device_name()
     else:
@@ -28,10 +51,16 @@ def environment() -> dict[str, str]:
     return {
         "device": device,
         "torch": torch.__version__,
+        "triton": triton_version,
         "python": platform.python_version(),
         "commit": commit,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def format_environment(env: dict) -> str:
+    """The one-line `key=value ...` form every benchmark prints first and puts under its report's title."""
+    return " ".join(f"{k}={v}" for k, v in env.items())
 
 
 def synchronize(device: torch.device) -> None:
@@ -60,14 +89,52 @@ class Timer:
         return _Section()
 
 
+def time_ms(
+    fn: Callable[[], object], device: torch.device, reps: int, grad_to_none: Sequence[torch.Tensor] = ()
+) -> tuple[float, float, float]:
+    """(p50, p20, p80) milliseconds of fn(): triton's do_bench on CUDA, a synchronised wall clock elsewhere.
+
+    The CPU path runs fn once to warm up (and compile), then `reps` timed calls; `grad_to_none` tensors get their
+    .grad cleared before each call on both paths, so backward timings do not include gradient accumulation.
+    """
+    if device.type == "cuda":
+        import triton.testing
+
+        p50, p20, p80 = triton.testing.do_bench(fn, quantiles=[0.5, 0.2, 0.8], grad_to_none=list(grad_to_none))
+        return p50, p20, p80
+    fn()
+    samples = []
+    for _ in range(reps):
+        for x in grad_to_none:
+            x.grad = None
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        samples.append(1000 * (time.perf_counter() - start))
+    if len(samples) < 2:
+        return samples[0], samples[0], samples[0]
+    cuts = statistics.quantiles(samples, n=10, method="inclusive")  # deciles: index 1 = p20, 7 = p80
+    return statistics.median(samples), cuts[1], cuts[7]
+
+
 def append_csv(path: Path, rows: list[dict]) -> None:
+    """Append rows; when their columns differ from the file's header, rewrite the file with the union of both."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    new = not path.exists()
-    with path.open("a", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-        if new:
-            writer.writeheader()
-        writer.writerows(rows)
+    columns, old_rows = list(rows[0]), []
+    if path.exists():
+        with path.open(newline="") as handle:
+            reader = csv.DictReader(handle)
+            old_rows, header = list(reader), list(reader.fieldnames or [])
+        if header == columns:
+            with path.open("a", newline="") as handle:
+                csv.DictWriter(handle, fieldnames=columns).writerows(rows)
+            return
+        columns = header + [c for c in columns if c not in header]
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=columns, restval="")
+        writer.writeheader()
+        writer.writerows(old_rows + rows)
 
 
 def markdown_table(rows: list[dict], columns: list[str]) -> str:
@@ -75,3 +142,14 @@ def markdown_table(rows: list[dict], columns: list[str]) -> str:
     for row in rows:
         lines.append("| " + " | ".join(str(row[c]) for c in columns) + " |")
     return "\n".join(lines)
+
+
+def save_results(csv_path: Path, rows: list[dict], columns: list[str], title: str, env: dict, note: str = "") -> None:
+    """Append `rows` to the CSV, write this run's markdown report next to it (title, environment line, optional
+    note, table of `columns`) and print the table."""
+    append_csv(csv_path, rows)
+    table = markdown_table(rows, columns)
+    report = csv_path.with_suffix(".md")
+    report.write_text(f"# {title}\n\n{format_environment(env)}\n\n" + (f"{note}\n\n" if note else "") + f"{table}\n")
+    print(table)
+    print(f"appended to {csv_path}; report: {report}")

@@ -12,7 +12,7 @@ BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_attention
 
 def test_bench_attention_quick_on_cpu(tmp_path):
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--quick", "--repeats", "1", "--out-dir", str(tmp_path)],
+        [sys.executable, str(BENCH), "--quick", "--repeats", "1", "--csv", str(tmp_path / "bench_attention_cpu.csv")],
         capture_output=True,
         text=True,
         timeout=300,
