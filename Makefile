@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test bench kernel-check lint format clean-runs
+.PHONY: demo test bench gpu-suite kernel-check lint format clean-runs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -27,9 +27,18 @@ test: $(INSTALLED)
 bench: $(INSTALLED)
 	$(PY) benchmarks/bench_step.py
 
-# Kernels without a GPU: Triton-interpreter correctness and AOT compile of every shipped config (also in `make test`).
+# Every GPU measurement in one command: pytest -m gpu and the three benchmarks, results named by device (see
+# README, Benchmarks). No .venv needed: a GPU box without network uses its own python3 (and wheels in .whl/).
+SUITE_PY := $(if $(wildcard $(PY)),$(PY),python3)
+gpu-suite:
+	$(SUITE_PY) benchmarks/run_gpu_suite.py $(GPU_SUITE_ARGS)
+
+# Kernels without a GPU: Triton-interpreter correctness and AOT compile of every shipped config of both kernels
+# (feature loss, attention) for sm_80 and sm_90. `make test` runs these files too (they are part of tests/).
+KERNEL_TESTS := tests/test_kernels_aot.py tests/test_kernels_feature_loss.py tests/test_kernels_attention_aot.py \
+	tests/test_ops_attention_interpreter.py
 kernel-check: $(INSTALLED)
-	$(PY) -m pytest -q tests/test_kernels_feature_loss.py tests/test_kernels_aot.py
+	$(PY) -m pytest -q $(KERNEL_TESTS)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

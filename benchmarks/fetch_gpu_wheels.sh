@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Wheels of the pure-Python packages a GPU box lacks (diffusers, webdataset and what they need that is not there;
+# see ../shared/GPU.md), at the versions this machine's .venv tests with, saved to .whl/ (git-ignored) so the
+# device tool can carry them: run(carry=[".whl"], ...). benchmarks/run_gpu_suite.py installs them there with
+# `pip install --no-index --target` before anything runs. About 7 MB.
+#   benchmarks/fetch_gpu_wheels.sh            # GPU_PYTHON=3.12 by default (the GPU boxes' python3)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+PACKAGES=(diffusers webdataset braceexpand omegaconf importlib_metadata lazy-importer)
+pins=$("$PY" -c 'import sys; from importlib.metadata import version; print(*(f"{n}=={version(n)}" for n in sys.argv[1:]))' "${PACKAGES[@]}")
+# shellcheck disable=SC2086  # one argument per pin
+"$PY" -m pip download --quiet --no-deps --only-binary=:all: --python-version "${GPU_PYTHON:-3.12}" --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 -d .whl $pins
+ls -l .whl
