@@ -106,6 +106,8 @@ def test_compare_runs_and_margins_over_random(tiny_run, tiny_eval_overrides, tmp
     expected = metrics["student"]["metrics"]["dense_miou"]["mean"] - metrics["random"]["metrics"]["dense_miou"]["mean"]
     assert row["margin"] == pytest.approx(expected)
     assert "margin over random" in printed and "early:" in printed
+    markdown = (out / "eval.md").read_text()
+    assert markdown.startswith("| model | dense probe mIoU |") and "| early |" in markdown and "early:" in markdown
 
 
 def test_compare_labels_must_be_new(tiny_run, tiny_eval_overrides):

@@ -25,19 +25,31 @@ def aggregate(per_seed: list[float]) -> dict[str, Any]:
     return {"per_seed": per_seed, "mean": statistics.fmean(per_seed), "std": std}
 
 
-def format_table(models: dict[str, dict[str, Any]]) -> str:
-    """Rows = models, columns = metrics, cells "mean ± std" ("n/a" where a metric does not apply)."""
-    header = ["model", *METRICS.values()]
-    rows = [header]
+def _table_rows(models: dict[str, dict[str, Any]]) -> list[list[str]]:
+    rows = [["model", *METRICS.values()]]
     for name, result in models.items():
         cells = [name]
         for key in METRICS:
             value = result["metrics"].get(key)
             cells.append("n/a" if value is None else f"{value['mean']:.3f} ± {value['std']:.3f}")
         rows.append(cells)
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    return rows
+
+
+def format_table(models: dict[str, dict[str, Any]]) -> str:
+    """Rows = models, columns = metrics, cells "mean ± std" ("n/a" where a metric does not apply)."""
+    rows = _table_rows(models)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def format_markdown(models: dict[str, dict[str, Any]]) -> str:
+    """The same table as `format_table`, as a Markdown table (for READMEs and issue notes)."""
+    rows = _table_rows(models)
+    lines = ["| " + " | ".join(row) + " |" for row in rows]
+    lines.insert(1, "|" + "---|" * len(rows[0]))
     return "\n".join(lines)
 
 

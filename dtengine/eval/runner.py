@@ -19,9 +19,18 @@ from dtengine.eval.config import BASELINES, EvalConfig
 from dtengine.eval.data import load_labelled_split
 from dtengine.eval.finetune import finetune_segmentation
 from dtengine.eval.probes import cache_features, dense_linear_probe, global_linear_probe
-from dtengine.eval.report import aggregate, format_margins, format_table, margins_over, plot_results, write_json
+from dtengine.eval.report import (
+    aggregate,
+    format_margins,
+    format_markdown,
+    format_table,
+    margins_over,
+    plot_results,
+    write_json,
+)
 from dtengine.eval.sources import load_student_checkpoint, random_source, teacher_source
 from dtengine.eval.supervised import supervised_source
+from dtengine.train.checkpoint import atomic_write
 from dtengine.train.device import resolve_device
 
 
@@ -164,5 +173,9 @@ def run_evaluation(
     if payload["versus_random"]:
         table += "\n\n" + format_margins(payload["versus_random"])
     json_path = write_json(out / "eval.json", payload)
+    markdown = format_markdown(models)
+    if payload["versus_random"]:
+        markdown += "\n\n```\n" + format_margins(payload["versus_random"]) + "\n```"
+    atomic_write(out / "eval.md", lambda handle: handle.write((markdown + "\n").encode()))
     chart = plot_results(out / "eval.png", models, title=f"{student.model_name}: {Path(student.description).name}")
     return EvalResult(out, json_path, chart, table, payload)
