@@ -177,5 +177,6 @@ def run_evaluation(
     if payload["versus_random"]:
         markdown += "\n\n```\n" + format_margins(payload["versus_random"]) + "\n```"
     atomic_write(out / "eval.md", lambda handle: handle.write((markdown + "\n").encode()))
-    chart = plot_results(out / "eval.png", models, title=f"{student.model_name}: {Path(student.description).name}")
+    title = f"{student.model_name}: {Path(student.description).name}, held-out, mean ± std over {seeds} seed(s)"
+    chart = plot_results(out / "eval.png", models, title=title)
     return EvalResult(out, json_path, chart, table, payload)
