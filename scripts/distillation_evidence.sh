@@ -6,22 +6,24 @@
 #      teacher;
 #   3. one `dtengine eval` of all four students beside random init, the supervised positive control and the
 #      teacher's own features, over SEEDS seeds, with margins over random init in standard deviations.
-# Usage: scripts/distillation_evidence.sh [OUT_DIR]   (env: STEPS=1000 SEEDS=3 DTENGINE=.venv/bin/dtengine)
+# Usage: scripts/distillation_evidence.sh [OUT_DIR]
+#   env: STEPS=2500 (feature runs) MIXED_STEPS=1000 (mixed runs) SEEDS=3 DTENGINE=.venv/bin/dtengine
 set -euo pipefail
 
 out=${1:-runs/evidence-$(date +%Y%m%d-%H%M%S)}
-steps=${STEPS:-1000}
+steps=${STEPS:-2500}
+mixed_steps=${MIXED_STEPS:-1000}
 seeds=${SEEDS:-3}
 dtengine=${DTENGINE:-.venv/bin/dtengine}
-common=(train.steps="$steps" checkpoint.every=250 train.tensorboard=false train.progress=false)
+common=(checkpoint.every=500 train.tensorboard=false train.progress=false)
 
 mkdir -p "$out/logs"
-echo "evidence: $out (steps=$steps seeds=$seeds; logs in $out/logs)"
-OMP_NUM_THREADS=1 "$dtengine" distill --config configs/demo.yaml "${common[@]}" out_dir="$out/feature" \
-    > "$out/logs/feature.log" 2>&1 &
+echo "evidence: $out (steps=$steps, mixed $mixed_steps, seeds=$seeds; logs in $out/logs)"
+OMP_NUM_THREADS=1 "$dtengine" distill --config configs/demo.yaml train.steps="$steps" "${common[@]}" \
+    out_dir="$out/feature" > "$out/logs/feature.log" 2>&1 &
 feature=$!
-OMP_NUM_THREADS=1 "$dtengine" distill --config configs/demo.yaml "${common[@]}" out_dir="$out/untrained-teacher" \
-    teacher.weights=untrained > "$out/logs/untrained-teacher.log" 2>&1 &
+OMP_NUM_THREADS=1 "$dtengine" distill --config configs/demo.yaml train.steps="$steps" "${common[@]}" \
+    out_dir="$out/untrained-teacher" teacher.weights=untrained > "$out/logs/untrained-teacher.log" 2>&1 &
 untrained=$!
 wait "$feature" || { echo "feature distillation failed, see $out/logs/feature.log"; exit 1; }
 wait "$untrained" || { echo "control distillation failed, see $out/logs/untrained-teacher.log"; exit 1; }
@@ -33,7 +35,7 @@ mixed_run() {  # $1 = run name, then extra overrides for both commands
     shift
     OMP_NUM_THREADS=1 "$dtengine" train-interpreter --out "$out/interpreter-$name" progress=false "$@" &&
         OMP_NUM_THREADS=1 "$dtengine" distill --config configs/demo_mixed.yaml "${common[@]}" \
-            out_dir="$out/$name" distill.interpreter="$out/interpreter-$name" "$@"
+            train.steps="$mixed_steps" out_dir="$out/$name" distill.interpreter="$out/interpreter-$name" "$@"
 }
 mixed_run mixed > "$out/logs/mixed.log" 2>&1 &
 mixed=$!

@@ -36,7 +36,7 @@ def test_evidence_script_runs_the_documented_commands(tmp_path):
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {tmp_path}/calls.txt\n')
     fake.chmod(0o755)
     script = Path(__file__).parent.parent / "scripts" / "distillation_evidence.sh"
-    env = {**os.environ, "DTENGINE": str(fake), "STEPS": "7", "SEEDS": "2"}
+    env = {**os.environ, "DTENGINE": str(fake), "STEPS": "7", "MIXED_STEPS": "5", "SEEDS": "2"}
     out = tmp_path / "runs" / "evidence"
     proc = subprocess.run(
         ["bash", str(script), str(out)], capture_output=True, text=True, env=env, cwd=script.parent.parent
@@ -44,7 +44,9 @@ def test_evidence_script_runs_the_documented_commands(tmp_path):
     assert proc.returncode == 0, proc.stderr
     calls = (tmp_path / "calls.txt").read_text().splitlines()
     distills = sorted(c for c in calls if c.startswith("distill"))
-    assert len(distills) == 4 and all("train.steps=7" in c for c in distills)
+    assert len(distills) == 4
+    assert sorted("train.steps=7" in c for c in distills) == [False, False, True, True]
+    assert all("train.steps=5" in c for c in distills if "demo_mixed" in c)
     assert sum("teacher.weights=untrained" in c for c in calls) == 3  # control distill, its interpreter, its mixed run
     assert calls[-1].startswith(f"eval --checkpoint {out}/feature") and "--seeds 2" in calls[-1]
     assert calls[-1].count("--compare") == 3 and (out / "logs").is_dir()
