@@ -82,8 +82,9 @@ def xformers_unavailable_reason() -> str | None:
 
         x = torch.zeros(1, 16, 1, 32, device="cuda", dtype=torch.float16)
         xops.memory_efficient_attention(x, x, x)
-    except Exception as err:  # ImportError, NotImplementedError, RuntimeError: all mean "not usable"
-        return f"xformers is not usable ({type(err).__name__}: {str(err).strip().splitlines()[0][:120]})"
+    except (ImportError, NotImplementedError, RuntimeError, ValueError) as err:  # missing, or its ops did not load
+        first_line = (str(err).strip().splitlines() or [""])[0][:120]
+        return f"xformers is not usable ({type(err).__name__}: {first_line})"
     return None
 
 
