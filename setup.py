@@ -5,13 +5,18 @@ The kernels folder is installed under the name `dtkernels` because `kernels` on 
 unrelated, widely installed project; importing `kernels` must never pick up the wrong one.
 """
 
+import re
+from pathlib import Path
+
 from setuptools import find_packages, setup
+
+VERSION = re.search(r'__version__ = "(.+)"', Path(__file__).with_name("dtengine").joinpath("version.py").read_text())[1]
 
 setup(
     name="dtengine",
-    version="0.1.0",
+    version=VERSION,
     description="Pretrain image backbones by distilling diffusion-model features (DreamTeacher)",
-    python_requires=">=3.10",
+    python_requires=">=3.11",
     packages=find_packages(include=["dtengine", "dtengine.*"])
     + ["dtkernels"]
     + [f"dtkernels.{name}" for name in find_packages("kernels")],
@@ -20,7 +25,7 @@ setup(
     package_data={"dtengine": ["assets/**/*.json", "assets/**/*.png", "assets/**/*.safetensors"]},
     include_package_data=False,
     install_requires=[
-        "torch>=2.4",
+        "torch==2.14.1",  # the release the suite runs on; a local build label (+cu1xx) matches too
         "torchvision",
         "timm>=1.0.9",
         "diffusers>=0.30",

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtengine.ops import attention, attention_reference  # noqa: E402
-from dtengine.ops.attention import triton_unsupported_reason, xformers_unavailable_reason  # noqa: E402
+from dtengine.ops.attention import ATTENTION_BACKENDS  # noqa: E402
 
 from common import DTYPES, RESULTS, default_device, environment, format_environment, save_results, time_ms  # noqa: E402
 
@@ -66,8 +66,9 @@ def providers(device: torch.device) -> dict[str, Callable | str]:
 
     found: dict[str, Callable | str] = {}
     probe = torch.zeros(1, 1, 64, 64, device=device, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32)
-    found["triton"] = triton_unsupported_reason(probe) or (lambda q, k, v: attention(q, k, v, backend="triton"))
-    found["xformers"] = xformers_unavailable_reason() or (lambda q, k, v: attention(q, k, v, backend="xformers"))
+    for name in ("triton", "xformers"):
+        reason = ATTENTION_BACKENDS.unavailable[name](probe)
+        found[name] = reason or (lambda q, k, v, name=name: attention(q, k, v, backend=name))
     found["sdpa"] = F.scaled_dot_product_attention
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
         found[f"sdpa-{name}"] = sdpa_with(backend) if device.type == "cuda" else "SDPA's fused kernels need CUDA"

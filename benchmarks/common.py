@@ -25,17 +25,20 @@ def default_device() -> torch.device:
 def environment() -> dict[str, str]:
     """device, torch, triton, python, commit, date: the columns every CSV row starts with.
 
-    The commit is `git rev-parse --short HEAD`, or $DTENGINE_COMMIT where that is set (a GPU box that gets a copy
-    of the working tree has no .git), else "unknown".
+    The commit is `git rev-parse --short HEAD` (with "+dirty" when the engine, kernels or benchmarks have
+    uncommitted changes), or $DTENGINE_COMMIT where that is set (a GPU box that gets a copy of the working tree
+    has no .git), else "unknown".
     """
     commit = os.environ.get("DTENGINE_COMMIT", "")
     try:
-        commit = (
-            commit
-            or subprocess.run(
-                ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=RESULTS.parent, check=True
-            ).stdout.strip()
-        )
+        if not commit:
+            git = ["git", "-C", str(RESULTS.parent.parent)]
+            commit = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+            commit = commit.stdout.strip()
+            # Uncommitted changes to the code make the row's code differ from the commit's: say so.
+            changed = subprocess.run([*git, "status", "--porcelain", "--", "dtengine", "kernels", "benchmarks/*.py"],
+                                     capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+            commit += "+dirty" if changed else ""
     except (OSError, subprocess.CalledProcessError):
         commit = "unknown"
     try:

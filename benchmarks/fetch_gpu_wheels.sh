@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Wheels of the pure-Python packages a GPU box lacks (diffusers, webdataset and what they need that is not there;
-# see ../shared/GPU.md), at the versions this machine's .venv tests with, saved to .whl/ (git-ignored) so the
-# device tool can carry them: run(carry=[".whl"], ...). benchmarks/run_gpu_suite.py installs them there with
+# Wheels of the pure-Python packages a GPU box without network access typically lacks (diffusers, webdataset and
+# what they need that is not there), at the versions this machine's .venv tests with, saved to .whl/ (git-ignored):
+# copy the checkout with .whl/ to the GPU box. benchmarks/run_gpu_suite.py installs them there with
 # `pip install --no-index --target` before anything runs. About 7 MB.
 #   benchmarks/fetch_gpu_wheels.sh            # GPU_PYTHON=3.12 by default (the GPU boxes' python3)
 set -euo pipefail

@@ -2,7 +2,7 @@
 
     python benchmarks/run_gpu_suite.py [--out-dir benchmarks/results] [--archive FILE.tar.gz] [--pieces a,b]
     python benchmarks/run_gpu_suite.py --dry-run      # print what would run here and why, run nothing
-    make gpu-suite GPU_SUITE_ARGS="--archive $OUT/gpu_suite.tar.gz"
+    make gpu-suite GPU_SUITE_ARGS="--archive gpu_suite.tar.gz"   # then bring the archive back and commit it
 
 Pieces, in order (each one a subprocess; a failing or timed-out piece is recorded and the next one runs):
     pytest-gpu          pytest -m gpu -q, tee'd to pytest_gpu_<device>.log (skipped without CUDA)

@@ -1,23 +1,55 @@
 """dtengine: pretrain image backbones by distilling a generative model's features (DreamTeacher).
 
-The path of one batch: `data` (shards -> batches) -> `teachers` (images -> features) -> `students`
-(backbone + regressor) -> `ops` / `losses` (feature regression) -> `train` (step, checkpoint, metrics).
+The path of one batch: `data` (shards -> batches) -> `teachers` (images -> features) -> `students` (backbone +
+regressor) -> `losses` / `ops` (feature regression) -> `Distiller` (the step) -> `train` (the loops). Everything
+stands on `runtime` (errors, config, device, io, checkpoint, logging, flags).
+
+    import dtengine
+    distiller = dtengine.Distiller.from_config(dtengine.load_config("configs/demo.yaml"))
+    losses = distiller(images, step=0)            # {"loss", "mse", "at"}
 """
 
-__version__ = "0.1.0"
+from __future__ import annotations
+
+from dtengine.version import __version__ as __version__
 
 _EXPORTS = {
-    "RunConfig": "dtengine.config",
-    "load_config": "dtengine.config",
-    "DTEngineError": "dtengine.errors",
+    "Distiller": "dtengine.distill",
+    "TeacherTargets": "dtengine.distill",
+    "RunConfig": "dtengine.train.distillation",
+    "TrainConfig": "dtengine.train.distillation",
+    "run_distillation": "dtengine.train.distillation",
+    "DTEngineError": "dtengine.runtime.errors",
+    "BackendError": "dtengine.runtime.errors",
+    "SampleKeys": "dtengine.runtime.device",
     "feature_regression_loss": "dtengine.ops",
+    "attention": "dtengine.ops",
+    "TeacherLevel": "dtengine.levels",
     "DiffusionTeacher": "dtengine.teachers",
     "TeacherConfig": "dtengine.teachers",
+    "build_diffusion_teacher": "dtengine.teachers",
     "DistillationStudent": "dtengine.students",
     "StudentConfig": "dtengine.students",
-    "run_distillation": "dtengine.train.trainer",
+    "LossConfig": "dtengine.losses",
+    "DistillConfig": "dtengine.losses",
+    "DataConfig": "dtengine.data",
+    "ShardStream": "dtengine.data",
     "export_backbone": "dtengine.export",
 }
+
+
+def load_config(path=None, overrides=(), schema: type | None = None):
+    """A run config from defaults, then the YAML file at `path`, then `key=value` overrides.
+
+    `schema` defaults to `RunConfig` (what `dtengine distill` and `Distiller.from_config` take); pass another
+    config dataclass (e.g. the eval or train-teacher config) to load that instead. Errors are one-line
+    `ConfigError`s naming the key.
+    """
+    from dtengine.runtime.config import load_config as load_schema
+
+    if schema is None:
+        from dtengine.train.distillation import RunConfig as schema
+    return load_schema(path, overrides, schema=schema)
 
 
 def __getattr__(name: str):
@@ -29,4 +61,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dtengine' has no attribute {name!r}")
 
 
-__all__ = sorted(_EXPORTS)
+__all__ = sorted([*_EXPORTS, "load_config"])

@@ -10,15 +10,15 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from dtengine.errors import DTEngineError
+from dtengine.runtime.errors import DTEngineError
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
 
 
 def _distill(args: argparse.Namespace) -> None:
-    from dtengine.config import load_config
-    from dtengine.train.trainer import run_distillation
+    from dtengine import load_config
+    from dtengine.train.distillation import run_distillation
 
     cfg = load_config(args.config, args.overrides)
     result = run_distillation(cfg, resume=args.resume_from or args.resume)
@@ -32,8 +32,8 @@ def _distill(args: argparse.Namespace) -> None:
 
 
 def _train_teacher(args: argparse.Namespace) -> None:
-    from dtengine.config import load_config
-    from dtengine.teachers.ddpm_training import TeacherTrainingConfig, train_teacher
+    from dtengine import load_config
+    from dtengine.train.teacher_training import TeacherTrainingConfig, train_teacher
 
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides, schema=TeacherTrainingConfig)
@@ -42,8 +42,8 @@ def _train_teacher(args: argparse.Namespace) -> None:
 
 
 def _train_interpreter(args: argparse.Namespace) -> None:
-    from dtengine.config import load_config
-    from dtengine.teachers.interpreter_training import InterpreterTrainingConfig, train_interpreter
+    from dtengine import load_config
+    from dtengine.train.interpreter_training import InterpreterTrainingConfig, train_interpreter
 
     overrides = list(args.overrides) + ([f"out_dir={args.out}"] if args.out else [])
     cfg = load_config(args.config, overrides, schema=InterpreterTrainingConfig)

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
-from dtengine.train.checkpoint import atomic_write
+from dtengine.runtime.io import atomic_write
 
 
 def _features_key(full_key: str, feature_keys: set[str]) -> str | None:
@@ -67,9 +67,7 @@ def export_backbone(backbone: nn.Module, model_name: str, path: Path) -> Path:
     state, untrained = backbone_state_dict(backbone, model_name)
     state = {k: v.contiguous() for k, v in state.items()}
     metadata = {"format": "pt", "timm_model": model_name, "untrained_keys": json.dumps(untrained)}
-    tmp = path.with_name(f".{path.name}.tmp")
-    save_file(state, str(tmp), metadata=metadata)  # safetensors writes by name; rename makes it atomic
-    tmp.replace(path)
+    atomic_write(path, save(state, metadata=metadata))
     note = {
         "timm_model": model_name,
         "file": path.name,
@@ -77,5 +75,5 @@ def export_backbone(backbone: nn.Module, model_name: str, path: Path) -> Path:
         "load": f"timm.create_model('{model_name}', pretrained=True, num_classes=0, "
         f"pretrained_cfg_overlay=dict(file='{path.name}'))",
     }
-    atomic_write(path.with_suffix(".json"), lambda handle: handle.write(json.dumps(note, indent=2).encode()))
+    atomic_write(path.with_suffix(".json"), json.dumps(note, indent=2))
     return path

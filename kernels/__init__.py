@@ -2,8 +2,12 @@
 
 Kernels import only torch and triton, never `dtengine`: the engine imports them. Each op follows
 kernel -> launcher -> custom_op / autograd -> thin wrapper, with the pure-PyTorch reference living in
-`dtengine.ops` as the CPU path and the test oracle. The fused feature-regression loss and attention kernels
-land here in later issues; this package is the scaffolding their tests and AOT checks plug into.
+`dtengine.ops` as the CPU path and the test oracle.
+
+    feature_loss/   fused whitening + MSE + attention transfer, forward with d loss / d r
+    attention/      flash-style attention, forward and backward
+    interpreter.py  the one check of whether kernels run on the GPU or in Triton's interpreter
+    aot.py          ahead-of-time compile for sm_80 / sm_90 without a GPU (tests and reports)
 """
 
 __all__: list[str] = []

@@ -10,14 +10,15 @@ import pytest
 import torch
 
 from dtengine.ops import attention, attention_reference
-from dtkernels.attention import attention_backward, attention_forward, running_in_interpreter
+from dtkernels.attention import attention_backward, attention_forward
+from dtkernels.interpreter import INTERPRETED
 
 # (B, H, N, D): D=40 and 72 are padded inside the kernel; N=77, 130, 33 are not multiples of any block size.
 SHAPES = [(1, 2, 77, 40), (2, 1, 64, 32), (1, 1, 130, 72), (1, 2, 33, 8)]
 
 
 def test_kernels_are_interpreted():
-    assert running_in_interpreter(), "run with TRITON_INTERPRET=1 set before Python starts"
+    assert INTERPRETED, "run with TRITON_INTERPRET=1 set before Python starts"
 
 
 def _reference_grads(q, k, v, upstream, scale):
@@ -60,7 +61,7 @@ def test_teacher_features_with_triton_processor_match_diffusers(tmp_path, monkey
 
     import dtkernels.attention
     from dtengine.teachers import DiffusionTeacher, TeacherConfig
-    from dtengine.teachers.ddpm_training import UNetArchConfig, build_unet
+    from dtengine.teachers.unet import UNetArchConfig, build_unet
 
     torch.manual_seed(0)
     # Attention at the two coarsest of three levels of a 16 px image: 16 and 64 tokens, 2 heads of 16.

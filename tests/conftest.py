@@ -37,7 +37,7 @@ def tiny_teacher_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny DDPM saved in diffusers pipeline layout (unet/, scheduler/)."""
     from diffusers import DDPMScheduler
 
-    from dtengine.teachers.ddpm_training import build_unet, save_teacher_pipeline
+    from dtengine.teachers.unet import build_unet, save_teacher_pipeline
 
     torch.manual_seed(0)
     out = tmp_path_factory.mktemp("teacher")
@@ -95,8 +95,8 @@ def tiny_interpreter_overrides(tiny_shards, tiny_val_shards, tiny_teacher_dir) -
 @pytest.fixture(scope="session")
 def tiny_interpreter_dir(tiny_interpreter_overrides, tmp_path_factory) -> Path:
     """An interpreter trained for 3 steps on the tiny teacher's blocks 0, 1 (the levels `tiny_run_overrides` use)."""
-    from dtengine.config import load_config
-    from dtengine.teachers.interpreter_training import InterpreterTrainingConfig, train_interpreter
+    from dtengine import load_config
+    from dtengine.train.interpreter_training import InterpreterTrainingConfig, train_interpreter
 
     out = tmp_path_factory.mktemp("interpreter")
     cfg = load_config(None, [*tiny_interpreter_overrides, f"out_dir={out}"], schema=InterpreterTrainingConfig)

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from dtengine.config import RunConfig, config_to_yaml, load_config
-from dtengine.errors import ConfigError
+from dtengine import RunConfig, load_config
+from dtengine.runtime.config import config_to_yaml
+from dtengine.runtime.errors import ConfigError
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
 
@@ -66,3 +67,16 @@ def test_bad_files(tmp_path):
 @pytest.mark.parametrize("path", sorted(DEMO.parent.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_shipped_config_is_valid(path):
     assert isinstance(load_config(path), RunConfig)
+
+
+def test_every_run_config_key_is_documented():
+    """docs/configuration.md lists every key of the distill config (a new field without a line there fails)."""
+    from dataclasses import fields, is_dataclass
+
+    text = (DEMO.parent.parent / "docs" / "configuration.md").read_text()
+    missing = []
+    for section in fields(RunConfig):
+        default = getattr(RunConfig(), section.name)
+        keys = [f"{section.name}.{f.name}" for f in fields(default)] if is_dataclass(default) else [section.name]
+        missing += [key for key in keys if f"`{key}`" not in text]
+    assert missing == []

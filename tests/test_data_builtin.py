@@ -13,7 +13,7 @@ from PIL import Image
 
 from dtengine.data import SHAPE_CLASSES, builtin
 from dtengine.data import builtin_dataset as make_builtin
-from dtengine.errors import DataError
+from dtengine.runtime.errors import DataError
 
 SMALL = {"image_size": 32, "num_train": 40, "num_val": 8, "samples_per_shard": 16}
 

@@ -12,7 +12,7 @@ import webdataset as wds
 from PIL import Image
 
 from dtengine.data import make_shards_from_folder, write_shards, write_wds_index
-from dtengine.errors import DataError
+from dtengine.runtime.errors import DataError
 
 
 def _jpeg(seed: int, size=(40, 30)) -> bytes:

@@ -9,10 +9,10 @@ import pytest
 import timm
 import torch
 
-from dtengine.config import load_config
-from dtengine.errors import CheckpointError, DataError, OutputDirError, StudentError
-from dtengine.train.checkpoint import list_checkpoints, load_checkpoint
-from dtengine.train.trainer import run_distillation
+from dtengine import load_config
+from dtengine.runtime.checkpoint import list_checkpoints, load_checkpoint
+from dtengine.runtime.errors import CheckpointError, DataError, OutputDirError, StudentError
+from dtengine.train.distillation import run_distillation
 
 
 def config(overrides, *extra):

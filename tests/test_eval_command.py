@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dtengine.config import load_config
+from dtengine import load_config
 from dtengine.data import write_shards
-from dtengine.errors import CheckpointError, DataError, DTEngineError
 from dtengine.eval.command import add_eval_command
-from dtengine.train.trainer import run_distillation
+from dtengine.runtime.errors import CheckpointError, DataError, DTEngineError
+from dtengine.train.distillation import run_distillation
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +111,7 @@ def test_compare_runs_and_margins_over_random(tiny_run, tiny_eval_overrides, tmp
 
 
 def test_compare_labels_must_be_new(tiny_run, tiny_eval_overrides):
-    from dtengine.errors import ConfigError
+    from dtengine.runtime.errors import ConfigError
 
     for bad in ("random=x", "student=x", "nolabel"):
         with pytest.raises(ConfigError) as err:

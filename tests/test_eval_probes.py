@@ -59,9 +59,9 @@ def test_coarse_logit_grid_is_still_scored_at_full_resolution():
 
 @pytest.mark.parametrize("bad", ["epochs=0", "lr=-1", "resolution=-2"])
 def test_probe_config_range_checks(bad):
-    from dtengine.config import load_config
-    from dtengine.errors import ConfigError
+    from dtengine import load_config
     from dtengine.eval.config import EvalConfig
+    from dtengine.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError, match="probe"):
         load_config(None, [f"probe.{bad}"], schema=EvalConfig)

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from dtengine import load_config
 from dtengine.cli import main
-from dtengine.config import load_config
 from dtengine.data import write_shards
-from dtengine.errors import CheckpointError, DataError
 from dtengine.losses.segmentation import IGNORE_INDEX, interpreter_loss, soft_dice_loss
+from dtengine.runtime.errors import CheckpointError, DataError
 from dtengine.teachers import TeacherLevel, build_diffusion_teacher
 from dtengine.teachers.interpreter import FeatureInterpreter, load_interpreter
-from dtengine.teachers.interpreter_training import InterpreterTrainingConfig, train_interpreter
+from dtengine.train.interpreter_training import InterpreterTrainingConfig, train_interpreter
 
 LEVELS = [TeacherLevel(0, 8, 16), TeacherLevel(1, 4, 8)]
 

@@ -8,14 +8,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dtengine.config import load_config
-from dtengine.errors import CheckpointError, ConfigError
-from dtengine.losses import LossConfig, distillation_terms, feature_distillation_terms, soft_cross_entropy
-from dtengine.losses.label_distillation import DistillConfig
+from dtengine import load_config
+from dtengine.losses import LossConfig, distillation_terms, soft_cross_entropy
+from dtengine.losses.objective import DistillConfig
+from dtengine.ops import feature_regression_loss
+from dtengine.runtime.checkpoint import load_checkpoint
+from dtengine.runtime.errors import CheckpointError, ConfigError
 from dtengine.students import DistillationStudent, StudentConfig
 from dtengine.teachers import TeacherLevel
-from dtengine.train.checkpoint import load_checkpoint
-from dtengine.train.trainer import run_distillation
+from dtengine.train.distillation import run_distillation
 
 
 def kl_reference(student: torch.Tensor, teacher: torch.Tensor, tau: float) -> torch.Tensor:
@@ -59,18 +60,18 @@ def test_terms_per_mode():
     student_feats, teacher_feats = [torch.randn(2, 6, 4, 4)], [torch.randn(2, 6, 4, 4)]
     student_logits, teacher_logits = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     loss_cfg = LossConfig()
-    feat = feature_distillation_terms(student_feats, teacher_feats, loss_cfg)
+    feat = feature_regression_loss(student_feats, teacher_feats, at_weight=loss_cfg.at_weight)
     ld = soft_cross_entropy(student_logits, teacher_logits, 4.0)
 
     def terms(mode, **kw):
         cfg = DistillConfig(mode=mode, interpreter="x" if mode != "feature" else "", **kw)
         return distillation_terms(student_feats, teacher_feats, student_logits, teacher_logits, loss_cfg, cfg)
 
-    assert terms("feature").keys() == {"loss", "mse", "at"} and terms("feature")["loss"] == feat["loss"]
+    assert terms("feature").keys() == {"loss", "mse", "at"} and terms("feature")["loss"] == feat.loss
     assert terms("label").keys() == {"loss", "ld"} and terms("label")["loss"] == ld
     mixed = terms("mixed", label_weight=0.5)
     assert mixed.keys() == {"loss", "mse", "at", "ld"}
-    assert mixed["loss"].item() == pytest.approx((feat["loss"] + 0.5 * ld).item())
+    assert mixed["loss"].item() == pytest.approx((feat.loss + 0.5 * ld).item())
 
 
 def test_student_logit_head_shapes():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dtengine.errors import StudentError
+from dtengine.runtime.errors import StudentError
 from dtengine.students import DistillationStudent, PyramidPoolingModule, StudentConfig, create_backbone
 from dtengine.teachers import TeacherLevel
 

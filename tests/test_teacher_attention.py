@@ -6,7 +6,7 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention
 
-from dtengine.errors import ConfigError
+from dtengine.runtime.errors import ConfigError
 from dtengine.teachers import TeacherConfig, build_diffusion_teacher
 from dtengine.teachers.attention_processor import DTEngineAttnProcessor
 

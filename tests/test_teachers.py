@@ -8,9 +8,9 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from dtengine.errors import ConfigError, TeacherError
+from dtengine.runtime.errors import ConfigError, TeacherError
 from dtengine.teachers import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
-from dtengine.teachers.ddpm_training import UNetArchConfig, build_unet
+from dtengine.teachers.unet import UNetArchConfig, build_unet
 
 from tiny import TINY_IMAGE, tiny_unet_arch
 
@@ -158,7 +158,7 @@ def test_bad_teacher_inputs_are_clear_errors(tiny_teacher_dir, tmp_path):
 
 
 def test_unet_arch_config_validation():
-    from dtengine.errors import ConfigError
+    from dtengine.runtime.errors import ConfigError
 
     with pytest.raises(ConfigError):
         UNetArchConfig(block_out_channels=[30, 64], norm_num_groups=32)

@@ -8,9 +8,9 @@ import pytest
 import torch
 from timm.optim import Lamb
 
-from dtengine.config import load_config
+from dtengine import load_config
+from dtengine.train.distillation import run_distillation
 from dtengine.train.optim import OptimConfig, WarmupCosine, build_optimizer, build_scheduler
-from dtengine.train.trainer import run_distillation
 
 
 def test_warmup_then_cosine():

@@ -6,7 +6,7 @@ TINY_IMAGE = 32
 
 
 def tiny_unet_arch(attention_levels: int = 1):
-    from dtengine.teachers.ddpm_training import UNetArchConfig
+    from dtengine.teachers.unet import UNetArchConfig
 
     # 4 levels at 32 px: up blocks read before upsampling sit at strides 8, 4, 2, 1.
     return UNetArchConfig(

@@ -11,8 +11,9 @@ import torch
 from feature_loss_cases import LAYOUTS, MULTI_LEVEL_SHAPES, ODD_SHAPE, assert_matches_reference, make_levels
 
 from dtengine.ops import feature_regression_loss, fused_feature_regression_loss
-from dtkernels.feature_loss import INTERPRETED, feature_loss_forward
+from dtkernels.feature_loss import feature_loss_forward
 from dtkernels.feature_loss.kernel import PIXEL_TILE_CONFIGS
+from dtkernels.interpreter import INTERPRETED
 
 pytestmark = pytest.mark.skipif(not INTERPRETED, reason="needs TRITON_INTERPRET=1 before triton kernels are imported")
 

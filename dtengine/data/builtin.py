@@ -8,8 +8,6 @@ so a folder with the final name is always a whole dataset; a second call just re
 import io
 import json
 import os
-import secrets
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +18,8 @@ from tqdm import tqdm
 
 from dtengine.data.shards import write_shards
 from dtengine.data.synthetic import SHAPE_CLASSES, render_sample
-from dtengine.errors import DataError
+from dtengine.runtime.errors import DataError
+from dtengine.runtime.io import atomic_folder
 
 _VERSION = "v1"  # bump when the generator changes, so old caches are not mistaken for the new dataset
 _SPLITS = {"train": 0, "val": 1}  # split name -> stream id mixed into the seed, so splits never share samples
@@ -120,23 +119,16 @@ def builtin_dataset(
 
 def _generate(target: Path, counts: dict[str, int], image_size: int, samples_per_shard: int, seed: int) -> None:
     """Write the dataset into a temp folder beside `target`, then rename it into place in one step."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would stay with the renamed folder and hide a shared cache.
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    tmp.mkdir()
     try:
-        shards = {}
-        with tqdm(total=sum(counts.values()), desc=f"generating {target.name}", unit="img") as progress:
-            for split, count in counts.items():
-                samples = _split_samples(split, count, image_size, seed, progress)
-                shards[split] = len(write_shards(samples, tmp, split, samples_per_shard))
-        info = {"classes": list(SHAPE_CLASSES), "image_size": image_size, "seed": seed, "samples": counts}
-        (tmp / "dataset.json").write_text(json.dumps({**info, "shards": shards}, indent=2) + "\n")
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            # Another process finished the same dataset first; theirs is identical, so use it.
-            if not (target / "dataset.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_folder(target) as tmp:
+            shards = {}
+            with tqdm(total=sum(counts.values()), desc=f"generating {target.name}", unit="img") as progress:
+                for split, count in counts.items():
+                    samples = _split_samples(split, count, image_size, seed, progress)
+                    shards[split] = len(write_shards(samples, tmp, split, samples_per_shard))
+            info = {"classes": list(SHAPE_CLASSES), "image_size": image_size, "seed": seed, "samples": counts}
+            (tmp / "dataset.json").write_text(json.dumps({**info, "shards": shards}, indent=2) + "\n")
+    except FileExistsError:
+        # Another process finished the same dataset first; theirs is identical, so use it.
+        if not (target / "dataset.json").is_file():
+            raise

@@ -21,7 +21,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from dtengine.data.decode import CorruptSample, collate, decode_sample, load_sample
-from dtengine.errors import DataError
+from dtengine.runtime.errors import DataError
 
 SKIPPED_BATCHES_KEY = "__skipped_batches__"
 

@@ -11,38 +11,21 @@ partial shard under its final name (at worst a `.tar` whose `.idx` is missing, w
 import hashlib
 import io
 import json
-import os
 import re
-import secrets
 import tarfile
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
-from dtengine.errors import DataError
+from dtengine.runtime.errors import DataError
+from dtengine.runtime.io import atomic_open
 
 _INDEX_VERSION = "v1.2"  # the only version DALI's wds2idx writes
 _FIXED_MTIME = 0  # an int (not time.time()) keeps shards byte-reproducible and avoids a pax header per file
-
-
-@contextmanager
-def _atomic_open(path: Path) -> Iterator[IO[bytes]]:
-    """Open a temp file next to `path` for writing; on success it replaces `path`, on error it is removed."""
-    # Not tempfile.mkstemp: its files are mode 0600, and shards are often shared; "x" mode honours the umask.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as stream:
-            yield stream
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def _split_name(name: str) -> tuple[str, str]:
@@ -92,7 +75,7 @@ def write_wds_index(tar_path: str | Path, idx_path: str | Path) -> None:
     if not samples:
         raise DataError(f"shard '{tar_path}' holds no files; remove it or re-create it")
     text = f"{_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(files) + "\n" for files in samples)
-    with _atomic_open(idx_path) as stream:
+    with atomic_open(idx_path) as stream:
         stream.write(text.encode())
 
 
@@ -129,7 +112,7 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, samp
     sample = next(iterator, None)
     while sample is not None:
         tar_path = out_dir / f"{prefix}-{len(shards):06d}.tar"
-        with _atomic_open(tar_path) as stream, wds.TarWriter(stream, encoder=False, mtime=_FIXED_MTIME) as writer:
+        with atomic_open(tar_path) as stream, wds.TarWriter(stream, encoder=False, mtime=_FIXED_MTIME) as writer:
             for _ in range(samples_per_shard):
                 if sample is None:
                     break
@@ -271,5 +254,5 @@ def _write_manifest(path: Path, src_dir: Path, report: MakeShardsReport, samples
         "samples_per_shard": samples_per_shard,
         "shards": [p.name for p in report.shards],
     }
-    with _atomic_open(path) as stream:
+    with atomic_open(path) as stream:
         stream.write((json.dumps(manifest, indent=2) + "\n").encode())

@@ -8,9 +8,9 @@ from dtengine.eval.config import BASELINES
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from dtengine.config import load_config
     from dtengine.eval.config import EvalConfig
     from dtengine.eval.runner import run_evaluation
+    from dtengine.runtime.config import load_config
 
     cfg = load_config(args.config, args.overrides, schema=EvalConfig)
     result = run_evaluation(cfg, args.checkpoint, args.baseline or [], args.seeds, args.out, args.compare or [])

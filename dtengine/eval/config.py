@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from dtengine.errors import ConfigError
+from dtengine.runtime.errors import ConfigError
 
 BASELINES = ("random", "teacher", "supervised")
 """Models `dtengine eval --baseline` can put beside the student; `supervised` is the positive control."""

@@ -13,10 +13,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from dtengine.data.augment import flip_where, random_flip_mask
+from dtengine.data.labelled import LabelledSplit
 from dtengine.eval.config import FinetuneConfig
-from dtengine.eval.data import LabelledSplit
 from dtengine.eval.heads import LevelwiseLinearHead
 from dtengine.eval.metrics import confusion_matrix, mean_iou, pixel_accuracy
+from dtengine.runtime.device import seeded
 
 
 def train_segmenter(
@@ -51,11 +53,10 @@ def train_segmenter(
             order, cursor = torch.randperm(len(split), generator=generator), 0
         index = order[cursor : cursor + batch_size]
         cursor += len(index)
-        flip = torch.rand(len(index), generator=generator) < 0.5  # (B,)
         images = split.images[index].float().div_(255)  # (B, 3, S, S)
         seg = split.seg[index]  # (B, S, S)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images).to(device)
-        seg = torch.where(flip[:, None, None], seg.flip(-1), seg).to(device)
+        images, seg = flip_where(random_flip_mask(len(index), generator=generator), images, seg)
+        images, seg = images.to(device), seg.to(device)
         logits = head(source(images), seg.shape[-2:])  # (B, K, S, S)
         loss = F.cross_entropy(logits, seg)
         optimizer.zero_grad(set_to_none=True)
@@ -103,8 +104,7 @@ def finetune_segmentation(
         {"miou", "pixel_acc"} on held-out.
     """
     model = copy.deepcopy(source).to(device).requires_grad_(True)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         head = LevelwiseLinearHead(model.channels, num_classes, norm=True).to(device)
     subset = train.head(cfg.images)
     train_segmenter(

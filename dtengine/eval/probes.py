@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from dtengine.data.labelled import LabelledSplit
 from dtengine.eval.config import ProbeConfig
-from dtengine.eval.data import LabelledSplit
 from dtengine.eval.heads import LevelwiseLinearHead
 from dtengine.eval.metrics import confusion_matrix, mean_iou, pixel_accuracy, top1_accuracy
+from dtengine.runtime.device import seeded
 
 
 @dataclass
@@ -119,8 +120,7 @@ def dense_linear_probe(
         {"miou", "pixel_acc"} on held-out.
     """
     generator = torch.Generator().manual_seed(seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         head = LevelwiseLinearHead([level.shape[1] for level in train.levels], num_classes)
     optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     size, count = tuple(train_seg.shape[-2:]), train_seg.shape[0]
@@ -156,8 +156,7 @@ def global_linear_probe(
     Returns:
         {"top1"} on held-out.
     """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         classifier = nn.Linear(train.pooled.shape[1], num_classes)
     optimizer = torch.optim.AdamW(classifier.parameters(), lr=cfg.global_lr, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, cfg.global_steps)

@@ -8,7 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from dtengine.train.checkpoint import atomic_write
+from dtengine.runtime.io import atomic_write
 
 METRICS = {
     "dense_miou": "dense probe mIoU",
@@ -100,7 +100,7 @@ def format_margins(margins: dict[str, dict[str, dict[str, Any]]], reference: str
 
 def write_json(path: Path, payload: dict[str, Any]) -> Path:
     """Write `payload` as indented JSON, atomically."""
-    atomic_write(path, lambda handle: handle.write(json.dumps(payload, indent=2).encode()))
+    atomic_write(path, json.dumps(payload, indent=2))
     return path
 
 

@@ -12,11 +12,8 @@ from typing import Any
 import timm
 import torch
 
-import dtengine
-from dtengine.config import config_to_dict
-from dtengine.errors import ConfigError, OutputDirError
+from dtengine.data.labelled import load_labelled_split
 from dtengine.eval.config import BASELINES, EvalConfig
-from dtengine.eval.data import load_labelled_split
 from dtengine.eval.finetune import finetune_segmentation
 from dtengine.eval.probes import cache_features, dense_linear_probe, global_linear_probe
 from dtengine.eval.report import (
@@ -30,8 +27,11 @@ from dtengine.eval.report import (
 )
 from dtengine.eval.sources import load_student_checkpoint, random_source, teacher_source
 from dtengine.eval.supervised import supervised_source
-from dtengine.train.checkpoint import atomic_write
-from dtengine.train.device import resolve_device
+from dtengine.runtime.config import config_to_dict
+from dtengine.runtime.device import resolve_device
+from dtengine.runtime.errors import ConfigError
+from dtengine.runtime.io import atomic_write, prepare_output_dir
+from dtengine.version import __version__
 
 
 @dataclass
@@ -44,17 +44,6 @@ class EvalResult:
     table: str
     results: dict[str, Any]
     """The eval.json payload."""
-
-
-def _prepare_out_dir(out_dir: Path) -> Path:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as err:
-        raise OutputDirError(f"eval output directory '{out_dir}' is not writable ({err.strerror})") from None
-    return out_dir
 
 
 SEEDED_BASELINES = ("random", "supervised")
@@ -102,14 +91,17 @@ def run_evaluation(
     device = resolve_device(cfg.device)
     student = load_student_checkpoint(checkpoint)
     compared = {label: load_student_checkpoint(path) for label, path in _parse_compare(compare).items()}
-    out = _prepare_out_dir(Path(out_dir) if out_dir else student.run_dir / "eval")
+    out = prepare_output_dir(
+        Path(out_dir) if out_dir else student.run_dir / "eval", "eval output directory", "pass --out DIR"
+    )
     data, show = cfg.data, cfg.progress
-    train = load_labelled_split(
-        data.train_shards, data.image_size, data.num_classes, data.builtin_root, data.max_train_images, show
-    )
-    val = load_labelled_split(
-        data.val_shards, data.image_size, data.num_classes, data.builtin_root, data.max_val_images, show
-    )
+    train, val = (
+        load_labelled_split(
+            shards, data.image_size, builtin_root=data.builtin_root, limit=limit, num_classes=data.num_classes,
+            progress=show,
+        )
+        for shards, limit in ((data.train_shards, data.max_train_images), (data.val_shards, data.max_val_images))
+    )  # fmt: skip
     if cfg.teacher_path:
         student.teacher.path = cfg.teacher_path
     builders: dict[str, Callable[[int], torch.nn.Module]] = {
@@ -161,7 +153,7 @@ def run_evaluation(
         "protocol": config_to_dict(cfg),
         "data": {"train_images": len(train), "val_images": len(val), "skipped_corrupt": train.skipped_corrupt},
         "versions": {
-            "dtengine": dtengine.__version__,
+            "dtengine": __version__,
             "torch": torch.__version__,
             "timm": timm.__version__,
             "python": platform.python_version(),
@@ -176,7 +168,7 @@ def run_evaluation(
     markdown = format_markdown(models)
     if payload["versus_random"]:
         markdown += "\n\n```\n" + format_margins(payload["versus_random"]) + "\n```"
-    atomic_write(out / "eval.md", lambda handle: handle.write((markdown + "\n").encode()))
+    atomic_write(out / "eval.md", markdown + "\n")
     title = f"{student.model_name}: {Path(student.description).name}, held-out, mean ± std over {seeds} seed(s)"
     chart = plot_results(out / "eval.png", models, title=title)
     return EvalResult(out, json_path, chart, table, payload)

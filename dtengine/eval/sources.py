@@ -16,15 +16,15 @@ from typing import Any
 import timm
 import torch
 import yaml
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from torch import Tensor, nn
 
-from dtengine.errors import CheckpointError
 from dtengine.ops import whiten_channels
-from dtengine.students.backbone import create_backbone, input_normalization
+from dtengine.runtime.checkpoint import list_checkpoints, load_checkpoint
+from dtengine.runtime.config import config_from_dict
+from dtengine.runtime.device import seeded
+from dtengine.runtime.errors import CheckpointError
+from dtengine.students.backbone import InputNormalization, create_backbone
 from dtengine.teachers.diffusion import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
-from dtengine.train.checkpoint import list_checkpoints, load_checkpoint
 
 
 class BackboneSource(nn.Module):
@@ -39,14 +39,12 @@ class BackboneSource(nn.Module):
     def __init__(self, backbone: nn.Module):
         super().__init__()
         self.backbone = backbone
-        mean, std = input_normalization(backbone)
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.normalize = InputNormalization(backbone)
         self.channels: list[int] = list(backbone.feature_info.channels())
 
     def forward(self, images: Tensor) -> list[Tensor]:
         """Args: images (B, 3, H, W) in [0, 1]. Returns: [(B, C_l, H / stride_l, W / stride_l)], every level."""
-        return self.backbone((images - self.mean) / self.std)
+        return self.backbone(self.normalize(images))
 
 
 class TeacherSource(nn.Module):
@@ -70,12 +68,9 @@ class TeacherSource(nn.Module):
     @torch.no_grad()
     def forward(self, images: Tensor) -> list[Tensor]:
         """Args: images (B, 3, H, W) in [0, 1]. Returns: [(B, C_l, H_l, W_l)] whitened, fp32."""
-        x0 = images.float() * 2 - 1
         # Noise from our own CPU generator (not the global RNG), so extraction is the same on every device.
-        noise = torch.randn(x0.shape, generator=self.generator).to(x0.device)
-        timesteps = torch.full((x0.shape[0],), self.teacher.cfg.timestep, device=x0.device, dtype=torch.long)
-        noisy = self.teacher.scheduler.add_noise(x0, noise, timesteps)
-        return [whiten_channels(f) for f in self.teacher.decoder_features(noisy, timesteps)]
+        noise = torch.randn(images.shape, generator=self.generator).to(images.device)
+        return [whiten_channels(f) for f in self.teacher(images, noise).features]
 
 
 @dataclass
@@ -93,10 +88,7 @@ class StudentCheckpoint:
 
 
 def _teacher_config(section: dict | None) -> TeacherConfig:
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TeacherConfig), section or {}))
-    except OmegaConfBaseException as err:
-        raise CheckpointError(f"the run's teacher config is invalid: {str(err).splitlines()[0]}") from None
+    return config_from_dict(section, schema=TeacherConfig, what="the run's teacher config")
 
 
 def _read_run_config(path: Path) -> dict:
@@ -180,8 +172,7 @@ def load_student_checkpoint(path: str | Path) -> StudentCheckpoint:
 
 def random_source(model_name: str, seed: int) -> BackboneSource:
     """The student architecture with timm's random initialisation, drawn under `torch.manual_seed(seed)`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return BackboneSource(create_backbone(model_name)).eval()
 
 

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import torch
 
+from dtengine.data.labelled import LabelledSplit
 from dtengine.eval.config import SupervisedConfig
-from dtengine.eval.data import LabelledSplit
 from dtengine.eval.finetune import train_segmenter
 from dtengine.eval.heads import LevelwiseLinearHead
 from dtengine.eval.sources import BackboneSource, random_source
+from dtengine.runtime.device import seeded
 
 
 def supervised_source(
@@ -34,8 +35,7 @@ def supervised_source(
         The trained backbone as a frozen source in eval mode.
     """
     source = random_source(model_name, seed).to(device)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         head = LevelwiseLinearHead(source.channels, num_classes, norm=True).to(device)
     train_segmenter(
         source, head, train, steps=cfg.steps, batch_size=min(cfg.batch_size, len(train)), lr=cfg.lr,

@@ -1,14 +1,14 @@
-"""Distillation objectives built from the public ops: feature regression, label distillation, their mix."""
+"""Distillation objectives built from the public ops: the per-mode objective, soft labels, the interpreter's loss."""
 
-from dtengine.losses.feature_distillation import LossConfig, feature_distillation_terms
-from dtengine.losses.label_distillation import DistillConfig, distillation_terms, soft_cross_entropy, term_names
+from dtengine.losses.objective import MODES, DistillConfig, LossConfig, distillation_terms, term_names
 from dtengine.losses.segmentation import interpreter_loss, soft_dice_loss
+from dtengine.losses.soft_labels import soft_cross_entropy
 
 __all__ = [
+    "MODES",
     "DistillConfig",
     "LossConfig",
     "distillation_terms",
-    "feature_distillation_terms",
     "interpreter_loss",
     "soft_cross_entropy",
     "soft_dice_loss",

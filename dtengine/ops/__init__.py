@@ -1,4 +1,5 @@
-"""Public ops. Each dispatches between a fused kernel (from `kernels/`) and its pure-PyTorch reference."""
+"""Public ops. Each has the same shape: a pure-PyTorch fp32 reference (the CPU path and the oracle), a custom op
+with the fused Triton kernel behind it, and the dispatch between them (`backends.py`, one rule for every op)."""
 
 from dtengine.ops.attention import attention, attention_reference
 from dtengine.ops.feature_loss import (
@@ -6,9 +7,9 @@ from dtengine.ops.feature_loss import (
     attention_map,
     feature_regression_loss,
     feature_regression_loss_reference,
+    fused_feature_regression_loss,
     whiten_channels,
 )
-from dtengine.ops.feature_loss_fused import fused_feature_regression_loss
 
 __all__ = [
     "FeatureRegressionLoss",

@@ -8,7 +8,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from dtengine.errors import StudentError
+from dtengine.runtime.errors import StudentError
 
 
 def create_backbone(model_name: str) -> nn.Module:
@@ -27,9 +27,17 @@ def create_backbone(model_name: str) -> nn.Module:
         raise StudentError(f"timm model '{model_name}' cannot be built as a feature extractor: {err}") from err
 
 
-def input_normalization(backbone: nn.Module) -> tuple[Tensor, Tensor]:
-    """(mean, std), each (1, 3, 1, 1), that the timm model expects its [0, 1] input normalised with."""
-    cfg = backbone.pretrained_cfg
-    mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1)
-    std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1)
-    return mean, std
+class InputNormalization(nn.Module):
+    """(x - mean) / std with the mean and std the timm model expects its [0, 1] input normalised with.
+
+    The buffers are not persistent: they follow from the model's pretrained_cfg, so checkpoints do not hold them.
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        cfg = getattr(backbone, "pretrained_cfg", None) or {}
+        self.register_buffer("mean", torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406))).view(1, 3, 1, 1), False)
+        self.register_buffer("std", torch.tensor(cfg.get("std", (0.229, 0.224, 0.225))).view(1, 3, 1, 1), False)
+
+    def forward(self, images: Tensor) -> Tensor:  # (B, 3, H, W) in [0, 1] -> normalised
+        return (images - self.mean) / self.std

@@ -8,11 +8,11 @@ from typing import NamedTuple
 
 from torch import Tensor, nn
 
-from dtengine.errors import ConfigError, StudentError
-from dtengine.students.backbone import create_backbone, input_normalization
+from dtengine.levels import TeacherLevel
+from dtengine.runtime.errors import ConfigError, StudentError
+from dtengine.students.backbone import InputNormalization, create_backbone
 from dtengine.students.logit_head import LogitHead
 from dtengine.students.regressor import FeatureRegressor
-from dtengine.teachers.base import TeacherLevel
 
 
 @dataclass
@@ -48,6 +48,7 @@ class DistillationStudent(nn.Module):
         num_classes: > 0 adds a `LogitHead` on the FPN's finest output (label / mixed distillation).
         predict_features: False builds no per-level projections (label-only distillation uses the PPM + FPN
             decoder for its logits but regresses no features).
+        backbone: a timm model built with `features_only=True` to use instead of a fresh `cfg.model`.
 
     Attributes:
         backbone: the timm `features_only` model; the only part exported after pretraining.
@@ -61,10 +62,17 @@ class DistillationStudent(nn.Module):
         teacher_levels: Sequence[TeacherLevel],
         num_classes: int = 0,
         predict_features: bool = True,
+        backbone: nn.Module | None = None,
     ):
         super().__init__()
-        self.model_name = cfg.model
-        self.backbone = create_backbone(cfg.model)
+        if backbone is not None and not hasattr(backbone, "feature_info"):
+            raise StudentError(
+                f"the student backbone given ({type(backbone).__name__}) has no feature_info; build it with "
+                "timm.create_model(name, features_only=True)"
+            )
+        self.backbone = create_backbone(cfg.model) if backbone is None else backbone
+        # The timm name export needs: a given backbone says what it is.
+        self.model_name = getattr(self.backbone, "pretrained_cfg", {}).get("architecture") or cfg.model
         strides = self.backbone.feature_info.reduction()
         channels = self.backbone.feature_info.channels()
         teacher_strides = [level.stride for level in teacher_levels]
@@ -86,14 +94,11 @@ class DistillationStudent(nn.Module):
             pool_scales=cfg.pool_scales,
         )
         self.logit_head = LogitHead(cfg.regressor_channels, num_classes) if num_classes > 0 else None
-        mean, std = input_normalization(self.backbone)
-        self.register_buffer("mean", mean)
-        self.register_buffer("std", std)
+        self.normalize = InputNormalization(self.backbone)
 
     def predict(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> StudentOutput:
         """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns features and logits."""
-        x = (images - self.mean) / self.std
-        pyramid = self.regressor.pyramid(self.backbone(x)[self.first_level :])
+        pyramid = self.regressor.pyramid(self.backbone(self.normalize(images))[self.first_level :])
         logits = self.logit_head(pyramid[0]) if self.logit_head is not None else None
         return StudentOutput(self.regressor.project_pyramid(pyramid, out_sizes), logits)
 

@@ -1,6 +1,6 @@
-"""Teachers: images -> (images the student sees, [multi-scale features])."""
+"""Teachers: frozen models mapping images (+ noise) to (images the student sees, [multi-scale features])."""
 
-from dtengine.teachers.base import TeacherLevel, TeacherOutput
+from dtengine.levels import TeacherLevel
 from dtengine.teachers.diffusion import (
     BUILTIN_TEACHER,
     DiffusionTeacher,
@@ -8,10 +8,12 @@ from dtengine.teachers.diffusion import (
     build_diffusion_teacher,
     load_diffusion_components,
 )
+from dtengine.teachers.interface import Teacher, TeacherOutput
 
 __all__ = [
     "BUILTIN_TEACHER",
     "DiffusionTeacher",
+    "Teacher",
     "TeacherConfig",
     "TeacherLevel",
     "TeacherOutput",

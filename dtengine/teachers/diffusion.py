@@ -14,12 +14,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from dtengine.errors import TeacherError
+from dtengine.levels import TeacherLevel
+from dtengine.runtime.device import PRECISIONS, resolve_precision, seeded
+from dtengine.runtime.errors import ConfigError, TeacherError
 from dtengine.teachers.attention_processor import ATTENTION_IMPLEMENTATIONS, use_dtengine_attention
-from dtengine.teachers.base import TeacherLevel, TeacherOutput
+from dtengine.teachers.interface import TeacherOutput
 
 FEATURE_POINTS = ("before_upsample", "after_upsample")
-PRECISIONS = ("auto", "fp32", "bf16")
 WEIGHTS = ("trained", "untrained")
 BUILTIN_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "teacher-shapes64"
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
@@ -50,8 +51,6 @@ class TeacherConfig:
     SDPA otherwise; DTENGINE_ATTENTION_BACKEND forces one), "diffusers" keeps diffusers' default processor."""
 
     def __post_init__(self) -> None:
-        from dtengine.errors import ConfigError
-
         if self.feature_point not in FEATURE_POINTS:
             raise ConfigError(f"teacher.feature_point must be one of {FEATURE_POINTS}, got {self.feature_point!r}")
         if self.weights not in WEIGHTS:
@@ -128,6 +127,7 @@ class DiffusionTeacher(nn.Module):
             use_dtengine_attention(self.unet)
         self.levels = self._describe_levels()
         self.last_block = max(cfg.blocks)
+        self.train(False)
 
     @staticmethod
     def _check(unet: nn.Module, scheduler: object, cfg: TeacherConfig) -> None:
@@ -169,27 +169,26 @@ class DiffusionTeacher(nn.Module):
 
     @property
     def compute_dtype(self) -> torch.dtype:
-        device = next(self.unet.parameters()).device
-        if self.cfg.precision == "bf16":
-            return torch.bfloat16
-        if self.cfg.precision == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return resolve_precision(self.cfg.precision, next(self.unet.parameters()).device)
 
     @torch.no_grad()
-    def forward(self, images: Tensor) -> TeacherOutput:
+    def forward(self, images: Tensor, noise: Tensor | None = None) -> TeacherOutput:
         """Noise-encode `images` at step t and read the requested decoder features.
+
+        Fresh noise for every call is the paper's stochastic DDPM encoding (it beats DDIM inversion). The caller
+        normally draws it (the `Distiller` keys it by sample); without it, it comes from torch's global generator.
 
         Args:
             images: clean images in [0, 1], (B, 3, H, W).
+            noise: standard-normal noise of the images' shape, or None.
         Returns:
             TeacherOutput(images, features): the same images (what the student sees) and one map per level,
             features[i] of shape (B, levels[i].channels, H / levels[i].stride, W / levels[i].stride).
         """
         x0 = images.float() * 2 - 1  # DDPMs are trained on [-1, 1]
         timesteps = torch.full((x0.shape[0],), self.cfg.timestep, device=x0.device, dtype=torch.long)
-        noise = torch.randn_like(x0)  # fresh noise every call: stochastic DDPM encoding (paper: beats DDIM inversion)
-        noisy = self.scheduler.add_noise(x0, noise, timesteps)
+        noise = torch.randn_like(x0) if noise is None else noise
+        noisy = self.scheduler.add_noise(x0, noise.to(x0.dtype), timesteps)
         dtype = self.compute_dtype
         with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
             features = self.decoder_features(noisy, timesteps)
@@ -250,6 +249,5 @@ def build_diffusion_teacher(cfg: TeacherConfig, device: torch.device | str = "cp
 
 def untrained_copy(unet: nn.Module, seed: int) -> nn.Module:
     """A freshly initialised `UNet2DModel` of `unet`'s architecture, drawn under `torch.manual_seed(seed)`."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    with seeded(seed):
         return type(unet).from_config(unet.config)

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
-from dtengine.errors import CheckpointError
-from dtengine.teachers.base import TeacherLevel
+from dtengine.levels import TeacherLevel, describe_levels
+from dtengine.runtime.errors import CheckpointError
+from dtengine.runtime.io import atomic_write
 
 WEIGHTS_FILE = "interpreter.safetensors"
 CONFIG_FILE = "interpreter.json"
@@ -92,7 +93,7 @@ class FeatureInterpreter(nn.Module):
             "channels": self.channels,
             "dropout": self.dropout_p,
             "output_stride": self.output_stride,
-            "teacher_levels": [[lvl.block, lvl.stride, lvl.channels] for lvl in self.levels],
+            "teacher_levels": describe_levels(self.levels),
         }
 
 
@@ -101,14 +102,13 @@ def save_interpreter(interpreter: FeatureInterpreter, out_dir: Path, extra: dict
 
     Returns the weights' path.
     """
-    from dtengine.train.checkpoint import atomic_write  # not at module level: dtengine.train imports this module
 
     out_dir = Path(out_dir)
     state = {k: v.detach().cpu().contiguous() for k, v in interpreter.state_dict().items()}
     weights = out_dir / WEIGHTS_FILE
-    atomic_write(weights, lambda handle: handle.write(save(state)))
+    atomic_write(weights, save(state))
     text = json.dumps({**interpreter.describe(), **extra}, indent=2) + "\n"
-    atomic_write(out_dir / CONFIG_FILE, lambda handle: handle.write(text.encode()))
+    atomic_write(out_dir / CONFIG_FILE, text)
     return weights
 
 
@@ -135,7 +135,7 @@ def load_interpreter(
         state = load_file(str(weights))
     except Exception as err:  # json / safetensors raise several kinds for truncated or foreign files
         raise CheckpointError(f"interpreter in '{folder}' is unreadable ({type(err).__name__}); retrain it") from err
-    want = [[lvl.block, lvl.stride, lvl.channels] for lvl in teacher_levels]
+    want = describe_levels(teacher_levels)
     if info.get("teacher_levels") != want:
         raise CheckpointError(
             f"interpreter '{folder}' was trained on teacher levels {info.get('teacher_levels')} ([block, stride, "

@@ -1,7 +1,6 @@
-"""Training: the distillation loop and its components (optimizer, checkpoint, metrics, device, run dir)."""
+"""The loops: distillation (around the `Distiller` step), teacher (DDPM) training and interpreter training."""
 
-from dtengine.train.checkpoint import CheckpointConfig
+from dtengine.train.distillation import RunConfig, RunResult, TrainConfig, run_distillation
 from dtengine.train.optim import OptimConfig
-from dtengine.train.trainer import RunResult, TrainConfig, run_distillation
 
-__all__ = ["CheckpointConfig", "OptimConfig", "RunResult", "TrainConfig", "run_distillation"]
+__all__ = ["OptimConfig", "RunConfig", "RunResult", "TrainConfig", "run_distillation"]

@@ -1,4 +1,4 @@
-"""Optimizer (AdamW or LAMB, from timm) and a warmup + cosine learning-rate schedule."""
+"""Optimizer (AdamW or LAMB, from timm), a warmup + cosine learning-rate schedule, and the optimizer step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from timm.optim import create_optimizer_v2
 from torch import nn
 
-from dtengine.errors import ConfigError
+from dtengine.runtime.errors import ConfigError
 
 OPTIMIZERS = ("adamw", "lamb")
 
@@ -44,8 +44,13 @@ class OptimConfig:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    # timm excludes biases and norm weights from weight decay, as the paper's recipes assume.
-    return create_optimizer_v2(model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
+    """AdamW or LAMB over `model`'s parameters; timm exempts biases and norm weights from weight decay, as the
+    paper's recipes assume. AdamW is torch's fused implementation: one kernel per step, and its step counters
+    live on the parameters' device (the for-loop implementation reads them back with `.item()` every step)."""
+    extra = {"fused": True} if cfg.name == "adamw" else {}
+    return create_optimizer_v2(
+        model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), **extra
+    )
 
 
 class WarmupCosine:
@@ -65,3 +70,18 @@ class WarmupCosine:
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     schedule = WarmupCosine(min(cfg.warmup_steps, total_steps), total_steps, cfg.min_lr_ratio)
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float):
+    """Clip the gradient norm, step, clear the gradients, advance the schedule: the end of every training step.
+
+    Returns:
+        (the gradient norm before clipping, a 0-dim tensor left on the device; the lr this step used).
+    """
+    max_norm = grad_clip if grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    lr = scheduler.get_last_lr()[0]
+    scheduler.step()
+    return grad_norm, lr

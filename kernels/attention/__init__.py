@@ -1,7 +1,7 @@
 """Flash-style attention kernels (forward + backward) and the configurations they ship with."""
 
 from dtkernels.attention.configs import CONFIGS, HEAD_DIMS, MAX_HEAD_DIM, configs_for, padded_head_dim
-from dtkernels.attention.flash import attention_backward, attention_forward, running_in_interpreter
+from dtkernels.attention.flash import attention_backward, attention_forward
 
 __all__ = [
     "CONFIGS",
@@ -11,5 +11,4 @@ __all__ = [
     "attention_forward",
     "configs_for",
     "padded_head_dim",
-    "running_in_interpreter",
 ]

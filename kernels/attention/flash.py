@@ -242,15 +242,6 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
-def running_in_interpreter() -> bool:
-    """True when TRITON_INTERPRET=1 was set before Triton was imported: the kernels then take CPU tensors.
-
-    Triton decides at decoration time (for these kernels and for its own helpers such as tl.zeros), so the mode
-    cannot be switched inside a running process; tests run the interpreter in a subprocess.
-    """
-    return not isinstance(_attention_fwd_kernel, triton.runtime.JITFunction)
-
-
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     if q.dim() != 4 or q.shape != k.shape or q.shape != v.shape:
         raise ValueError(

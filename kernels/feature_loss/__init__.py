@@ -5,6 +5,6 @@ The autograd / custom_op layer and the pure-PyTorch reference live in `dtengine.
 engine).
 """
 
-from dtkernels.feature_loss.launcher import INTERPRETED, FusedFeatureLoss, bytes_moved, can_run_on, feature_loss_forward
+from dtkernels.feature_loss.launcher import FusedFeatureLoss, bytes_moved, feature_loss_forward
 
-__all__ = ["INTERPRETED", "FusedFeatureLoss", "bytes_moved", "can_run_on", "feature_loss_forward"]
+__all__ = ["FusedFeatureLoss", "bytes_moved", "feature_loss_forward"]

@@ -30,7 +30,6 @@ from typing import NamedTuple
 import torch
 import triton
 from torch import Tensor
-from triton import knobs
 
 from dtkernels.feature_loss.kernel import (
     ATTENTION_BLOCK,
@@ -40,10 +39,9 @@ from dtkernels.feature_loss.kernel import (
     _grad_kernel,
     _stats_kernel,
 )
+from dtkernels.interpreter import INTERPRETED, can_run_on
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-# `@triton.jit` decides at import whether kernels run on the GPU or in the numpy interpreter (TRITON_INTERPRET=1).
-INTERPRETED = bool(knobs.runtime.interpret)
 
 
 class FusedFeatureLoss(NamedTuple):
@@ -53,11 +51,6 @@ class FusedFeatureLoss(NamedTuple):
     mse: Tensor
     at: Tensor
     grads: list[Tensor]  # d loss / d r per level, r's shape, dtype and (dense) strides
-
-
-def can_run_on(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of `device` in this process."""
-    return device.type == "cuda" or (INTERPRETED and device.type == "cpu")
 
 
 def _launch_pixel_kernel(kernel, shape: torch.Size, args: list, config: triton.Config | None) -> None:

@@ -1,10 +1,19 @@
-"""Metrics sinks: one JSON line per logged step, TensorBoard scalars, and a loss-curve PNG at the end."""
+"""Logging sinks and meters: metrics JSONL + TensorBoard, step-window averages, the progress bar, the loss plot.
+
+`StepWindow` keeps tensor-valued sums on their device and pulls them to the host in one transfer, only when a
+metrics row is written, so the hot loop never waits for the GPU to report a loss.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
 
 
 class MetricsLogger:
@@ -33,6 +42,44 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+class StepWindow:
+    """Running sums of logged quantities between two metrics rows.
+
+    `add_tensors` accumulates 0-dim tensors where they live (fp64, detached); `add` accumulates host numbers
+    (images, seconds waited, counts). `pull` returns every sum as a Python float, moving the tensors to the host
+    in one transfer, with the window's wall time as "seconds", and starts a new window.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+
+    def _reset(self) -> None:
+        self._tensors: dict[str, Tensor] = {}
+        self._numbers: dict[str, float] = {}
+        self._started = time.perf_counter()
+
+    def add_tensors(self, values: dict[str, Tensor], scale: float = 1.0) -> None:
+        for name, value in values.items():
+            value = value.detach().double() * scale
+            self._tensors[name] = value if name not in self._tensors else self._tensors[name] + value
+
+    def add(self, **values: float) -> None:
+        for name, value in values.items():
+            self._numbers[name] = self._numbers.get(name, 0.0) + value
+
+    def pull(self) -> dict[str, float]:
+        names = list(self._tensors)
+        pulled = torch.stack([self._tensors[n] for n in names]).cpu().tolist() if names else []
+        sums = {**self._numbers, **dict(zip(names, pulled)), "seconds": time.perf_counter() - self._started}
+        self._reset()
+        return sums
+
+
+def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True, unit: str = "step") -> tqdm:
+    """The progress bar of every long loop: steps done, rate, elapsed and ETA; loops add img/s and the loss."""
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

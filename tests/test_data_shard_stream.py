@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from dtengine.data import DataConfig, ShardStream, builtin_dataset, loader, resolve_shards, write_shards
-from dtengine.errors import ConfigError, DataError
+from dtengine.data import DataConfig, ShardStream, builtin_dataset, resolve_shards, shard_stream, write_shards
+from dtengine.runtime.errors import ConfigError, DataError
 
 SIZE = 32
 
@@ -165,7 +165,7 @@ def test_pattern_matching_nothing_is_data_error(tmp_path):
 def test_resolve_shards(dataset, monkeypatch):
     # "builtin" means the default-sized dataset; point it at the small one this module already generated.
     small = functools.partial(builtin_dataset, num_train=40, num_val=8, samples_per_shard=8)
-    monkeypatch.setattr(loader, "builtin_dataset", small)
+    monkeypatch.setattr(shard_stream, "builtin_dataset", small)
     root = str(dataset.root.parent)
     train = resolve_shards("builtin", builtin_root=root, image_size=SIZE)
     assert [Path(p).name for p in train] == [f"train-{i:06d}.tar" for i in range(5)]

@@ -1,4 +1,4 @@
-"""Pure-PyTorch fp32 reference of `feature_regression_loss` (definition: `dtengine.ops.feature_loss`).
+"""Pure-PyTorch fp32 reference of `feature_regression_loss` (definition: `dtengine.ops.feature_regression_loss`).
 
 It is the CPU path, the fallback whenever the fused Triton kernel cannot run, and the oracle the kernel's tests
 and benchmarks compare against: change the definition here and every backend must follow.

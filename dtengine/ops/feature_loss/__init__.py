@@ -1,26 +1,32 @@
 """`feature_regression_loss`: DreamTeacher's feature-regression objective (MSE + attention transfer).
 
-The public entry point. It dispatches between the pure-PyTorch fp32 reference (`feature_loss_reference`, the CPU
-path and the oracle) and the fused Triton kernel behind a custom op (`feature_loss_fused`).
+    reference.py  the pure-PyTorch fp32 definition: the CPU path and the oracle of tests and benchmarks
+    op.py         the fused computation as a custom op (`dtengine::fused_feature_regression_loss`), Triton kernels
+                  from `dtkernels.feature_loss` behind it
+    here          the public function and the choice between them (`dtengine.ops.backends`)
+
+Backends: "auto" (Triton where its kernels run: CUDA fp32/bf16/fp16 tensors, or the CPU under TRITON_INTERPRET=1;
+the reference elsewhere) | "torch" | "triton".
+DTENGINE_FEATURE_LOSS_BACKEND forces one, DTENGINE_DISABLE_TRITON=1 keeps Triton off (`dtengine.runtime.flags`).
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
-from dtengine.ops.feature_loss_fused import fused_feature_regression_loss
-from dtengine.ops.feature_loss_reference import (
+from dtengine.ops.backends import OpBackends, resolve_backend
+from dtengine.ops.feature_loss.op import fused_feature_regression_loss
+from dtengine.ops.feature_loss.reference import (
     FeatureRegressionLoss,
     attention_map,
     feature_regression_loss_reference,
     whiten_channels,
 )
+from dtengine.runtime.flags import flags
 
-BACKENDS = ("auto", "torch", "triton")
 FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = [
@@ -29,9 +35,32 @@ __all__ = [
     "attention_map",
     "feature_regression_loss",
     "feature_regression_loss_reference",
-    "resolve_backend",
+    "fused_feature_regression_loss",
     "whiten_channels",
 ]
+
+
+def _triton_unavailable(*feats: Tensor) -> str | None:
+    if any(x.dtype not in FUSED_DTYPES for x in feats):
+        return f"the kernels take fp32/bf16/fp16 tensors, got {sorted({str(x.dtype) for x in feats})}"
+    if all(x.is_cuda for x in feats):
+        return None
+    try:
+        from dtkernels.interpreter import can_run_on  # imports triton: only off CUDA
+    except ImportError as err:
+        return f"triton is not importable ({err})"
+    if all(can_run_on(x.device) for x in feats):
+        return None
+    return "it needs CUDA tensors (or TRITON_INTERPRET=1 set before start, for the CPU interpreter)"
+
+
+FEATURE_LOSS_BACKENDS = OpBackends(
+    op="feature_regression_loss",
+    unavailable={"torch": lambda *feats: None, "triton": _triton_unavailable},
+    auto_order=("triton", "torch"),
+    reference="torch",
+)
+BACKENDS = FEATURE_LOSS_BACKENDS.names
 
 
 def _check_levels(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> None:
@@ -48,35 +77,9 @@ def _check_levels(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tenso
             )
 
 
-def resolve_backend(backend: str, feats: Sequence[Tensor] = ()) -> str:
-    """Pick the implementation for these tensors: "torch" (reference) or "triton" (fused kernel).
-
-    "auto" takes Triton when every tensor is a CUDA fp32/bf16/fp16 tensor, the reference otherwise.
-    `DTENGINE_DISABLE_TRITON=1` forces the reference whatever was asked for. "triton" on tensors the kernels
-    cannot run on raises a one-line RuntimeError.
-    """
-    if backend not in BACKENDS:
-        raise ValueError(f"feature_regression_loss backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "torch" or os.environ.get("DTENGINE_DISABLE_TRITON") == "1":
-        return "torch"
-    on_cuda = all(x.is_cuda and x.dtype in FUSED_DTYPES for x in feats)
-    if backend == "auto":
-        return "triton" if on_cuda and len(feats) > 0 else "torch"
-    if not on_cuda and not _triton_interpreter_runs(feats):
-        raise RuntimeError(
-            "feature_regression_loss backend='triton' needs CUDA fp32/bf16/fp16 tensors (or TRITON_INTERPRET=1 set "
-            "before dtkernels is imported, for the CPU interpreter); use backend='auto' or 'torch' elsewhere"
-        )
-    return "triton"
-
-
-def _triton_interpreter_runs(feats: Sequence[Tensor]) -> bool:
-    try:
-        from dtkernels.feature_loss import can_run_on  # imports triton: only on this error path
-    except ImportError:
-        return False
-
-    return all(can_run_on(x.device) and x.dtype in FUSED_DTYPES for x in feats)
+def resolve_feature_loss_backend(backend: str, feats: Sequence[Tensor]) -> str:
+    """ "torch" or "triton": the implementation a call on `feats` runs (see the module docstring)."""
+    return resolve_backend(FEATURE_LOSS_BACKENDS, backend, flags().feature_loss_backend, *feats)
 
 
 def feature_regression_loss(
@@ -109,13 +112,16 @@ def feature_regression_loss(
 
     Returns:
         FeatureRegressionLoss(loss, mse, at), 0-dim fp32 tensors; mse and at are averaged over levels.
+
+    Raises:
+        BackendError: `backend` cannot run on these tensors (e.g. "triton" on CPU).
     """
     if isinstance(student_feats, Tensor):
         student_feats = [student_feats]
     if isinstance(teacher_feats, Tensor):
         teacher_feats = [teacher_feats]
     _check_levels(student_feats, teacher_feats)
-    if resolve_backend(backend, [*student_feats, *teacher_feats]) == "triton":
+    if resolve_feature_loss_backend(backend, [*student_feats, *teacher_feats]) == "triton":
         return fused_feature_regression_loss(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten)
     out = feature_regression_loss_reference(student_feats, teacher_feats, at_weight=at_weight, whiten=whiten)
     return FeatureRegressionLoss(out.loss, out.mse.detach(), out.at.detach())

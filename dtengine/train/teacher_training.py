@@ -8,41 +8,21 @@ loads, next to metrics.jsonl, loss_curve.png and samples.png (DDIM samples from 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
-from dtengine.data.augment import random_hflip
-from dtengine.data.loader import DataConfig, ShardStream, resolve_shards
-from dtengine.errors import ConfigError, OutputDirError
-from dtengine.train.device import resolve_device
-from dtengine.train.metrics import MetricsLogger, plot_loss_curve
-from dtengine.train.run_dir import prepare_run_dir
-
-
-@dataclass
-class UNetArchConfig:
-    """Architecture of the DDPM's `UNet2DModel`."""
-
-    block_out_channels: list[int] = field(default_factory=lambda: [32, 64, 64, 128, 128])
-    """Channels per resolution level, finest first; each level but the last halves the resolution."""
-    layers_per_block: int = 1
-    attention_levels: int = 2
-    """Self-attention in this many of the coarsest levels (ADM: at 32, 16 and 8 px of 256)."""
-    attention_head_dim: int = 32
-    norm_num_groups: int = 32
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.attention_levels <= len(self.block_out_channels):
-            raise ConfigError("model.attention_levels must be between 0 and len(model.block_out_channels)")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ConfigError("model.block_out_channels must all be divisible by model.norm_num_groups")
+from dtengine.data.augment import flip_where, random_flip_mask
+from dtengine.data.shard_stream import BatchCursor, DataConfig, ShardStream, resolve_shards
+from dtengine.runtime.config import config_to_dict
+from dtengine.runtime.device import resolve_device
+from dtengine.runtime.errors import ConfigError, OutputDirError
+from dtengine.runtime.io import atomic_write, prepare_output_dir
+from dtengine.runtime.logging import MetricsLogger, StepWindow, plot_loss_curve, progress_bar
+from dtengine.teachers.diffusion import load_diffusion_components
+from dtengine.teachers.unet import UNetArchConfig, build_unet, save_teacher_pipeline
 
 
 @dataclass
@@ -79,37 +59,6 @@ class TeacherTrainingConfig:
             raise ConfigError(f"save_every must be >= 0, got {self.save_every}")
 
 
-def build_unet(image_size: int, arch: UNetArchConfig):
-    from diffusers import UNet2DModel
-
-    n = len(arch.block_out_channels)
-    attn = [i >= n - arch.attention_levels for i in range(n)]
-    return UNet2DModel(
-        sample_size=image_size,
-        in_channels=3,
-        out_channels=3,
-        layers_per_block=arch.layers_per_block,
-        block_out_channels=tuple(arch.block_out_channels),
-        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-        attention_head_dim=arch.attention_head_dim,
-        norm_num_groups=arch.norm_num_groups,
-    )
-
-
-def save_teacher_pipeline(unet, scheduler, out_dir: Path) -> None:
-    """Write unet/, scheduler/ and model_index.json into out_dir, each moved into place by one rename."""
-    from diffusers import DDPMPipeline
-
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".saving-") as tmp:
-        DDPMPipeline(unet=unet, scheduler=scheduler).save_pretrained(tmp, safe_serialization=True)
-        for name in ("unet", "scheduler", "model_index.json"):
-            target = out_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            Path(tmp, name).replace(target)
-
-
 @torch.no_grad()
 def _save_samples(unet, scheduler, cfg: TeacherTrainingConfig, device, path: Path) -> None:
     import matplotlib
@@ -142,8 +91,6 @@ def _save_samples(unet, scheduler, cfg: TeacherTrainingConfig, device, path: Pat
 def _initial_unet(cfg: TeacherTrainingConfig):
     if not cfg.init_from:
         return build_unet(cfg.data.image_size, cfg.model)
-    from dtengine.teachers.diffusion import load_diffusion_components
-
     unet, _ = load_diffusion_components(cfg.init_from)  # one-line errors for missing / corrupt folders
     if unet.config.sample_size != cfg.data.image_size:
         raise ConfigError(
@@ -158,7 +105,7 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
     from diffusers import DDPMScheduler
     from diffusers.training_utils import EMAModel
 
-    out_dir = prepare_run_dir(cfg.out_dir, resuming=False)
+    out_dir = prepare_output_dir(cfg.out_dir, fix="choose another with out_dir=DIR")
     if (out_dir / "unet").exists():
         raise OutputDirError(f"'{out_dir}' already holds a teacher; choose a new out_dir so it is not overwritten")
     resolve_shards(cfg.data.shards, cfg.data.builtin_root, cfg.data.image_size)
@@ -169,9 +116,9 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
     ema = EMAModel(unet.parameters(), decay=cfg.ema_decay, use_ema_warmup=True)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=0.0)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg.warmup_steps)))
-    stream = ShardStream(cfg.data, seed=cfg.seed)
+    cursor = BatchCursor(ShardStream(cfg.data, seed=cfg.seed))
     metrics = MetricsLogger(out_dir, tensorboard=False)
-    (out_dir / "train_teacher_config.json").write_text(json.dumps(_to_dict(cfg), indent=2))
+    atomic_write(out_dir / "train_teacher_config.json", json.dumps(config_to_dict(cfg), indent=2))
 
     def save_ema(step: int) -> None:
         ema.store(unet.parameters())
@@ -180,17 +127,12 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
         ema.restore(unet.parameters())
         metrics.log(step, {"saved_teacher": 1})
 
-    epoch, batches = 0, stream.epoch(0)
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, desc="train-teacher")
-    running, window_start, step = 0.0, time.perf_counter(), 0
+    bar = progress_bar(cfg.steps, "train-teacher", enabled=cfg.progress)
+    window, step = StepWindow(), 0
     try:
         for step in range(1, cfg.steps + 1):
-            batch = next(batches, None)
-            while batch is None:
-                epoch += 1
-                batches = stream.epoch(epoch)
-                batch = next(batches, None)
-            x0 = random_hflip(batch["image"].to(device).float() / 127.5 - 1)  # (B, 3, H, W) in [-1, 1]
+            x0 = cursor.next()["image"].to(device).float() / 127.5 - 1  # (B, 3, H, W) in [-1, 1]
+            (x0,) = flip_where(random_flip_mask(len(x0), device=device), x0)
             noise = torch.randn_like(x0)
             t = torch.randint(0, cfg.num_train_timesteps, (x0.shape[0],), device=device)
             loss = F.mse_loss(unet(scheduler.add_noise(x0, noise, t), t).sample, noise)
@@ -200,14 +142,14 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
             optimizer.step()
             warmup.step()
             ema.step(unet.parameters())
-            running += loss.item()
+            window.add_tensors({"loss": loss})
+            window.add(steps=1, images=x0.shape[0])
             bar.update(1)
             if step % cfg.log_every == 0 or step == cfg.steps:
-                n = step % cfg.log_every or cfg.log_every
-                elapsed = time.perf_counter() - window_start
-                metrics.log(step, {"loss": running / n, "img_per_s": n * x0.shape[0] / elapsed, "epoch": epoch})
-                bar.set_postfix(loss=f"{running / n:.4f}", refresh=False)
-                running, window_start = 0.0, time.perf_counter()
+                sums = window.pull()
+                row = {"loss": sums["loss"] / sums["steps"], "img_per_s": sums["images"] / sums["seconds"]}
+                metrics.log(step, {**row, "epoch": cursor.epoch})
+                bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}", refresh=False)
             if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
                 save_ema(step)
     except KeyboardInterrupt:
@@ -227,9 +169,3 @@ def train_teacher(cfg: TeacherTrainingConfig) -> Path:
     if cfg.num_samples > 0:
         _save_samples(unet, scheduler, cfg, device, out_dir / "samples.png")
     return out_dir
-
-
-def _to_dict(cfg) -> dict:
-    from dtengine.config import config_to_dict
-
-    return config_to_dict(cfg)

@@ -32,3 +32,7 @@ class CheckpointError(DTEngineError):
 
 class OutputDirError(DTEngineError):
     """Output directory not writable or already holding a run."""
+
+
+class BackendError(DTEngineError):
+    """An op was asked for an implementation (backend) that cannot run the call it was given."""

@@ -33,7 +33,7 @@ from dtengine.data.pipeline import (
     WorkerShards,
     read_shards,
 )
-from dtengine.errors import ConfigError, DataError
+from dtengine.runtime.errors import ConfigError, DataError
 
 _BUILTIN = {"builtin": "train", "builtin:train": "train", "builtin:val": "val"}
 
@@ -211,3 +211,23 @@ class ShardStream:
             getattr(batches, "_shutdown_workers", lambda: None)()
         if corrupt:
             warnings.warn(f"{corrupt} corrupt sample(s) dropped after the last batch of epoch {epoch}", stacklevel=2)
+
+
+class BatchCursor:
+    """Endless batches from a `ShardStream`, epoch after epoch, tracking (epoch, batches consumed in it) so a
+    checkpoint can record the position and a resume can seek back to it."""
+
+    def __init__(self, stream: ShardStream, epoch: int = 0, batch_in_epoch: int = 0):
+        self.stream, self.epoch, self.batch_in_epoch = stream, epoch, batch_in_epoch
+        self._batches: Iterator[dict] = stream.epoch(epoch, skip_batches=batch_in_epoch)
+
+    def next(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = next(self._batches)
+                self.batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._batches = self.stream.epoch(self.epoch)
+        raise ConfigError("the training shards yield no full batch; lower data.batch_size or add data")

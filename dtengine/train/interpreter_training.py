@@ -10,26 +10,25 @@ and config, held-out mIoU), metrics.jsonl.
 
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
+from dtengine.data.augment import flip_where, random_flip_mask
 from dtengine.data.builtin import builtin_dataset
-from dtengine.data.decode import CorruptSample, decode_sample
-from dtengine.data.loader import DataConfig, resolve_shards
-from dtengine.data.pipeline import read_shards
-from dtengine.errors import ConfigError, DataError, OutputDirError
+from dtengine.data.labelled import LabelledSplit, load_labelled_split
+from dtengine.data.shard_stream import DataConfig
 from dtengine.eval.metrics import confusion_matrix, mean_iou, per_class_iou, pixel_accuracy
 from dtengine.losses.segmentation import IGNORE_INDEX, interpreter_loss
+from dtengine.runtime.config import config_to_dict
+from dtengine.runtime.device import resolve_device
+from dtengine.runtime.errors import ConfigError, DataError, OutputDirError
+from dtengine.runtime.io import prepare_output_dir
+from dtengine.runtime.logging import MetricsLogger, StepWindow, progress_bar
 from dtengine.teachers.diffusion import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
 from dtengine.teachers.interpreter import WEIGHTS_FILE, FeatureInterpreter, save_interpreter
-from dtengine.train.device import resolve_device
-from dtengine.train.metrics import MetricsLogger
-from dtengine.train.run_dir import prepare_run_dir
 
 _BUILTIN_PATTERNS = ("builtin", "builtin:train", "builtin:val")
 
@@ -80,34 +79,18 @@ class InterpreterTrainingConfig:
             raise ConfigError("dropout must be in [0, 1); output_stride, num_classes and dice_weight >= 0")
 
 
-def load_labelled_images(pattern: str, count: int, image_size: int, builtin_root: str = "") -> tuple:
-    """The first `count` samples with a label map, in sorted shard order.
+def load_labelled_images(pattern: str, count: int, image_size: int, builtin_root: str = "") -> LabelledSplit:
+    """The first `count` samples with a label map, in sorted shard order (unlabelled samples are passed over).
 
-    Returns:
-        (images uint8 (N, 3, S, S), labels int64 (N, S, S)), N = count.
     Raises:
         DataError: the shards hold no label maps, or fewer than `count` labelled samples.
     """
-    shards = resolve_shards(pattern, builtin_root, image_size)
-    images, labels, unlabelled = [], [], 0
-    for sample in read_shards({"url": url} for url in shards):
-        try:
-            decoded = decode_sample(sample, image_size)
-        except CorruptSample:
-            continue
-        if "seg" not in decoded:
-            unlabelled += 1
-            continue
-        images.append(torch.tensor(decoded["image"]).permute(2, 0, 1))  # copy: PIL arrays are read-only
-        labels.append(torch.tensor(decoded["seg"], dtype=torch.int64))
-        if len(images) == count:
-            return torch.stack(images).contiguous(), torch.stack(labels)  # (N, 3, S, S): not channels-last
-    if not images:
-        raise DataError(
-            f"shards '{pattern}' hold no 'seg.png' label maps ({unlabelled} unlabelled samples); "
-            "the interpreter needs shards with per-pixel labels"
-        )
-    raise DataError(f"shards '{pattern}' hold only {len(images)} labelled samples; lower the count to at most that")
+    split = load_labelled_split(
+        pattern, image_size, builtin_root=builtin_root, limit=count, labels=("seg",), skip_unlabelled=True
+    )
+    if len(split) < count:
+        raise DataError(f"shards '{pattern}' hold only {len(split)} labelled samples; lower the count to at most that")
+    return split
 
 
 def _num_classes(cfg: InterpreterTrainingConfig, *label_sets: torch.Tensor) -> int:
@@ -120,22 +103,22 @@ def _num_classes(cfg: InterpreterTrainingConfig, *label_sets: torch.Tensor) -> i
 
 @torch.no_grad()
 def evaluate_interpreter(
-    teacher: DiffusionTeacher, interpreter: FeatureInterpreter, images: torch.Tensor, labels: torch.Tensor, batch: int
+    teacher: DiffusionTeacher, interpreter: FeatureInterpreter, split: LabelledSplit, batch: int
 ) -> dict:
     """Held-out mIoU, pixel accuracy and per-class IoU of the interpreter's argmax at the labels' resolution."""
     interpreter.eval()
     device = next(interpreter.parameters()).device
     confusion = torch.zeros(interpreter.num_classes, interpreter.num_classes, dtype=torch.long)
-    for start in range(0, len(images), batch):
-        x = images[start : start + batch].to(device).float().div_(255)  # (B, 3, S, S)
-        y = labels[start : start + batch]
+    for start in range(0, len(split), batch):
+        x = split.images[start : start + batch].to(device).float().div_(255)  # (B, 3, S, S)
+        y = split.seg[start : start + batch]
         logits = interpreter(teacher(x).features, out_size=y.shape[-2:])  # (B, K, S, S)
         confusion += confusion_matrix(logits.argmax(1).cpu(), y, interpreter.num_classes)
     return {
         "miou": mean_iou(confusion),
         "pixel_accuracy": pixel_accuracy(confusion),
         "per_class_iou": per_class_iou(confusion),
-        "images": len(images),
+        "images": len(split),
     }
 
 
@@ -146,18 +129,18 @@ def train_interpreter(cfg: InterpreterTrainingConfig) -> tuple[Path, dict | None
         (path of interpreter.safetensors, held-out metrics dict or None when val_shards is "").
     """
 
-    out_dir = prepare_run_dir(cfg.out_dir, resuming=False)
+    out_dir = prepare_output_dir(cfg.out_dir, fix="choose another with out_dir=DIR")
     if (out_dir / WEIGHTS_FILE).exists():
         raise OutputDirError(f"'{out_dir}' already holds an interpreter; choose a new out_dir")
-    images, labels = load_labelled_images(cfg.data.shards, cfg.num_labelled, cfg.data.image_size, cfg.data.builtin_root)
+    train = load_labelled_images(cfg.data.shards, cfg.num_labelled, cfg.data.image_size, cfg.data.builtin_root)
     val = None
     if cfg.val_shards and cfg.num_val:
         val = load_labelled_images(cfg.val_shards, cfg.num_val, cfg.data.image_size, cfg.data.builtin_root)
-    num_classes = _num_classes(cfg, labels, *(val[1:] if val else ()))
+    num_classes = _num_classes(cfg, train.seg, *([val.seg] if val else []))
     torch.manual_seed(cfg.seed)
     device = resolve_device(cfg.device)
     with _flush_denormals(device.type == "cpu"):
-        return _fit_and_save(cfg, device, out_dir, images, labels, val, num_classes)
+        return _fit_and_save(cfg, device, out_dir, train, val, num_classes)
 
 
 @contextmanager
@@ -174,9 +157,7 @@ def _flush_denormals(enabled: bool):
             torch.set_flush_denormal(False)
 
 
-def _fit_and_save(cfg, device, out_dir, images, labels, val, num_classes) -> tuple[Path, dict | None]:
-    from dtengine.config import config_to_dict
-
+def _fit_and_save(cfg, device, out_dir, train: LabelledSplit, val, num_classes) -> tuple[Path, dict | None]:
     teacher = build_diffusion_teacher(cfg.teacher, device)
     interpreter = FeatureInterpreter(teacher.levels, num_classes, cfg.channels, cfg.dropout, cfg.output_stride)
     interpreter = interpreter.to(device)
@@ -184,35 +165,33 @@ def _fit_and_save(cfg, device, out_dir, images, labels, val, num_classes) -> tup
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=cfg.steps)
     metrics = MetricsLogger(out_dir, tensorboard=False)
     sampler = torch.Generator().manual_seed(cfg.seed)
-    batch_size = min(cfg.data.batch_size, len(images))
+    batch_size = min(cfg.data.batch_size, len(train))
 
     interpreter.train()
-    bar = tqdm(total=cfg.steps, disable=not cfg.progress, unit="step", dynamic_ncols=True, desc="train-interpreter")
-    running, window_start = {"loss": 0.0, "ce": 0.0, "dice": 0.0}, time.perf_counter()
+    bar = progress_bar(cfg.steps, "train-interpreter", enabled=cfg.progress)
+    window = StepWindow()
     for step in range(1, cfg.steps + 1):
-        index = torch.randperm(len(images), generator=sampler)[:batch_size]
-        x, y = images[index].float().div_(255), labels[index]  # (B, 3, S, S), (B, S, S)
-        flip = torch.rand(len(index), generator=sampler) < 0.5
-        x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
+        index = torch.randperm(len(train), generator=sampler)[:batch_size]
+        x, y = train.images[index].float().div_(255), train.seg[index]  # (B, 3, S, S), (B, S, S)
+        x, y = flip_where(random_flip_mask(len(index), generator=sampler), x, y)
         features = teacher(x.to(device)).features  # fresh noise at t each step
         terms = interpreter_loss(interpreter(features, out_size=y.shape[-2:]), y.to(device), cfg.dice_weight)
         optimizer.zero_grad(set_to_none=True)
         terms["loss"].backward()
         optimizer.step()
         schedule.step()
-        for name in running:
-            running[name] += terms[name].item()
+        window.add_tensors(terms)
+        window.add(steps=1, images=batch_size)
         bar.update(1)
         if step % cfg.log_every == 0 or step == cfg.steps:
-            n = step % cfg.log_every or cfg.log_every
-            row = {name: value / n for name, value in running.items()}
-            row["img_per_s"] = n * batch_size / (time.perf_counter() - window_start)
+            sums = window.pull()
+            row = {name: sums[name] / sums["steps"] for name in terms}
+            row["img_per_s"] = sums["images"] / sums["seconds"]
             metrics.log(step, row)
-            bar.set_postfix(loss=f"{row['loss']:.4f}", refresh=False)
-            running, window_start = dict.fromkeys(running, 0.0), time.perf_counter()
+            bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}", refresh=False)
     bar.close()
 
-    held_out = evaluate_interpreter(teacher, interpreter, *val, cfg.data.batch_size) if val else None
+    held_out = evaluate_interpreter(teacher, interpreter, val, cfg.data.batch_size) if val else None
     if held_out is not None:
         metrics.log(cfg.steps, {"val_miou": held_out["miou"], "val_pixel_accuracy": held_out["pixel_accuracy"]})
     metrics.close()

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from dtengine.ops.feature_loss_reference import (
+from dtengine.ops.feature_loss.reference import (
     AT_NORM_EPS,
     LAYERNORM_EPS,
     FeatureRegressionLoss,

@@ -1,0 +1,79 @@
+"""One backend rule for every op (`dtengine.ops.backends`), checked on both ops side by side, on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dtengine.ops import attention, feature_regression_loss
+from dtengine.ops.attention import ATTENTION_BACKENDS
+from dtengine.ops.backends import resolve_backend
+from dtengine.ops.feature_loss import FEATURE_LOSS_BACKENDS
+from dtengine.runtime import flags
+from dtengine.runtime.errors import BackendError, DTEngineError
+
+OPS = [
+    pytest.param(FEATURE_LOSS_BACKENDS, "torch", "feature_loss_backend", id="feature_loss"),
+    pytest.param(ATTENTION_BACKENDS, "sdpa", "attention_backend", id="attention"),
+]
+
+
+def cpu_call(backends):
+    x = torch.randn(1, 2, 8, 16)
+    return (x, x) if backends is FEATURE_LOSS_BACKENDS else (x,)
+
+
+@pytest.mark.parametrize(("backends", "reference", "flag"), OPS)
+def test_auto_and_explicit_on_cpu(backends, reference, flag):
+    call = cpu_call(backends)
+    assert resolve_backend(backends, "auto", "", *call) == reference
+    assert resolve_backend(backends, reference, "", *call) == reference
+    with pytest.raises(BackendError, match="'triton' cannot run this call: it needs CUDA tensors") as caught:
+        resolve_backend(backends, "triton", "", *call)
+    assert "\n" not in str(caught.value) and f"'{reference}'" in str(caught.value)
+    with pytest.raises(BackendError, match="must be one of"):
+        resolve_backend(backends, "flash3", "", *call)
+
+
+@pytest.mark.parametrize(("backends", "reference", "flag"), OPS)
+def test_disable_triton_is_a_kill_switch_for_both_ops(backends, reference, flag):
+    call = cpu_call(backends)
+    with flags.override(disable_triton=True):
+        assert resolve_backend(backends, "triton", "", *call) == reference
+        assert resolve_backend(backends, "auto", "triton", *call) == reference  # beats a forced backend too
+
+
+@pytest.mark.parametrize(("backends", "reference", "flag"), OPS)
+def test_the_environment_switch_forces_a_backend(backends, reference, flag):
+    call = cpu_call(backends)
+    with flags.override(**{flag: "triton"}), pytest.raises(BackendError, match="'triton'"):
+        resolve_backend(backends, reference, getattr(flags.flags(), flag), *call)
+    with flags.override(**{flag: "nonsense"}), pytest.raises(BackendError, match="environment switch"):
+        resolve_backend(backends, "auto", getattr(flags.flags(), flag), *call)
+
+
+def test_public_ops_read_the_switches():
+    q = torch.randn(1, 1, 8, 16)
+    with flags.override(attention_backend="triton"), pytest.raises(BackendError):
+        attention(q, q, q, backend="sdpa")
+    with flags.override(attention_backend="sdpa"):
+        assert attention(q, q, q, backend="triton").shape == q.shape
+    with flags.override(feature_loss_backend="triton"), pytest.raises(BackendError):
+        feature_regression_loss(q, q, backend="torch")
+    with flags.override(disable_triton=True):
+        assert feature_regression_loss(q, q, backend="triton").loss.ndim == 0
+
+
+def test_backend_errors_are_one_line_user_errors():
+    assert issubclass(BackendError, DTEngineError)
+
+
+def test_switches_are_read_once_from_the_environment():
+    read = flags.from_environment(
+        {"DTENGINE_DISABLE_TRITON": "1", "DTENGINE_ATTENTION_BACKEND": "sdpa", "DTENGINE_FEATURE_LOSS_BACKEND": "torch"}
+    )
+    assert read == flags.Flags(disable_triton=True, feature_loss_backend="torch", attention_backend="sdpa")
+    before = flags.flags()
+    with flags.override(disable_triton=not before.disable_triton) as inside:
+        assert flags.flags() is inside and inside.disable_triton != before.disable_triton
+    assert flags.flags() == before
