@@ -1,123 +1,357 @@
-"""Time the training step users run: `Distiller` forward + backward and the real optimizer step.
+"""The training step, three ways side by side: a hand-written eager loop, the engine eager, the engine compiled.
 
-    python benchmarks/bench_step.py [--config configs/demo.yaml] [--steps 20] [--warmup 3] [key=value ...]
+    python benchmarks/bench_step.py                                   # the configs this device can run
+    python benchmarks/bench_step.py --configs demo --modes eager,compiled [key=value ...]
 
-Two passes over the same step, built by `Distiller.from_config` and `train.optim` exactly as `dtengine distill`
-builds it (flips, keyed noise, clipping, schedule, label modes included):
+Configurations:
+    demo              the built-in teacher and data (configs/demo.yaml; key=value overrides apply): runs on a CPU
+    paper-r50         a random-weight ADM-256-sized pixel U-Net teacher (256 base channels, mults 1,1,2,2,4,4,
+    paper-convnext-b  two res blocks a level, attention at 32/16/8 px), taps at strides 32, 16, 8, 4 at t=150,
+                      ResNet-50 / ConvNeXt-B student, 256 px images of the built-in data, batch 64: needs a GPU,
+                      no weights
+Modes:
+    naive     benchmarks/naive_loop.py: ImageFolder over JPEGs, full teacher forward with hooks, the unfused
+              reference loss, plain AdamW (bf16 autocast + cudnn.benchmark on CUDA, like the engine)
+    eager     the engine's `Distiller` step (shard stream, early-exit teacher, fused ops where they run, fused
+              AdamW) with compile off
+    compiled  the same with `apply_compile` (teacher pass with CUDA graphs on CUDA, student pass fullgraph)
 
-    steady   `steps` whole steps, the device synchronised only at the ends: img/s of the step as the trainer
-             runs it (data loading included, as in training)
-    split    `steps` more, synchronised around each part: data wait, inputs (to device, flips, noise),
-             teacher, student forward+backward, optimizer; the split shows which part bounds the step
+Each (config, mode) runs in its own process, so peak memory and compiled code are its own. It warms up (and
+compiles; `warmup_s`), then times 3 windows of whole steps, synchronising only at their ends: img/s is their
+median. A separate instrumented pass times the parts (data wait, inputs, teacher, student forward+backward,
+optimizer) with a sync around each. FLOPs per image are the engine's useful work, counted once per config with
+torch.utils.flop_counter: the teacher up to its last tap plus the student forward and backward. MFU divides
+their rate by the device's dense bf16 peak (na on a CPU, or an unknown GPU).
 
-Prints the environment (device, versions, commit, date), a markdown table, and appends a CSV row to
-benchmarks/results/bench_step.csv (its .md report keeps every row recorded so far).
+Writes benchmarks/results/bench_step_<device>.{csv,md,png} and ends with one line per config and mode:
+    config=<name> mode=<naive|eager|compiled> img_per_s=<x> vs_eager=<ratio> vs_naive=<ratio> mfu=<x|na>
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
+import json
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from dtengine import load_config  # noqa: E402
-from dtengine.data.shard_stream import BatchCursor, ShardStream  # noqa: E402
-from dtengine.distill import Distiller  # noqa: E402
-from dtengine.runtime.device import SampleKeys, seed_everything  # noqa: E402
-from dtengine.train.optim import build_optimizer, build_scheduler, optimizer_step  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    Timer,
+    append_csv,
+    device_slug,
+    environment,
+    format_environment,
+    markdown_table,
+    synchronize,
+)
 
-from common import RESULTS, Timer, append_csv, environment, format_environment, markdown_table, synchronize  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+CONFIGS = ("demo", "paper-r50", "paper-convnext-b")
+MODES = ("naive", "eager", "compiled")
+PAPER_STUDENTS = {"paper-r50": "resnet50", "paper-convnext-b": "convnext_base"}
+PAPER_OVERRIDES = [
+    "teacher.timestep=150", "teacher.blocks=[0,1,2,3]", "data.shards=builtin", "data.image_size=256",
+    "data.batch_size=64", "data.num_workers=8", "data.shuffle_buffer=1000", "optim.warmup_steps=10",
+]  # fmt: skip
+PEAK_BF16_TFLOPS = {"h100": 989.4, "h200": 989.4, "a100": 312.0, "l40s": 362.0, "l4": 121.0}
+"""Dense bf16 peak (TFLOP/s, no sparsity) by GPU family, matched in the device name; H100 PCIe is lower (756)."""
+PART_NAMES = ("data_wait", "inputs", "teacher", "student_fwd_bwd", "optimizer")
 
-DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "demo.yaml"
+
+def peak_flops(device_name: str) -> float | None:
+    name = device_name.lower()
+    if "h100" in name and "pcie" in name:
+        return 756e12
+    return next((tflops * 1e12 for family, tflops in PEAK_BF16_TFLOPS.items() if family in name), None)
+
+
+# ----------------------------------------------------------------------------------------------- one worker --
+def run_config(name: str, overrides: list[str]):
+    from dtengine import load_config
+
+    if name == "demo":
+        return load_config(ROOT / "configs" / "demo.yaml", overrides)
+    return load_config(ROOT / "configs" / "demo.yaml", [*PAPER_OVERRIDES, f"student.model={PAPER_STUDENTS[name]}"])
+
+
+def build_teacher(name: str, cfg, device: torch.device):
+    """The run's teacher: the configured one (demo), or a random ADM-256-sized U-Net built on the device."""
+    from diffusers import DDPMScheduler
+
+    from dtengine.teachers.diffusion import DiffusionTeacher, build_diffusion_teacher
+    from dtengine.teachers.unet import UNetArchConfig, build_unet
+
+    if name == "demo":
+        return build_diffusion_teacher(cfg.teacher, device)
+    adm = UNetArchConfig(block_out_channels=[256, 256, 512, 512, 1024, 1024], layers_per_block=2,
+                         attention_levels=3, attention_head_dim=64)  # fmt: skip
+    with torch.device(device):
+        unet = build_unet(cfg.data.image_size, adm)
+    return DiffusionTeacher(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), cfg.teacher)
+
+
+def engine_step(name: str, cfg, device: torch.device, compiled: bool):
+    """(whole step, instrumented step, FLOPs per image) of the engine, built as `dtengine distill` builds it."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dtengine.data.shard_stream import BatchCursor, ShardStream
+    from dtengine.distill import Distiller
+    from dtengine.parallel.compile import CompileConfig, apply_compile
+    from dtengine.runtime.device import SampleKeys, seed_everything
+    from dtengine.train.optim import build_optimizer, build_scheduler, optimizer_step
+
+    seed_everything(cfg.train.seed)
+    distiller = Distiller(
+        build_teacher(name, cfg, device), cfg.student.model, loss=cfg.loss, distill=cfg.distill,
+        student_cfg=cfg.student, precision=cfg.train.precision, hflip=cfg.train.hflip, seed=cfg.train.seed,
+    ).place(device).train()  # fmt: skip
+    optimizer = build_optimizer(distiller, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, 10_000)
+    cursor = BatchCursor(ShardStream(cfg.data, seed=cfg.train.seed))
+    batch = cfg.data.batch_size
+    with FlopCounterMode(display=False) as counter:  # eager, before compiling: the useful work of one step
+        distiller(cursor.next()["image"], step=0)["loss"].backward()
+    optimizer.zero_grad(set_to_none=True)
+    flops_per_image = counter.get_total_flops() / batch
+    if compiled:
+        apply_compile(distiller, CompileConfig(**{**vars(cfg.compile), "enabled": True}))
+    state = {"step": 1}
+
+    def whole() -> None:
+        distiller(cursor.next()["image"], step=state["step"])["loss"].backward()
+        optimizer_step(distiller, optimizer, scheduler, cfg.optim.grad_clip)
+        state["step"] += 1
+
+    def instrumented(timer: Timer) -> None:
+        with timer.section("data_wait"):
+            images = cursor.next()["image"]
+        with timer.section("inputs"):
+            images, noise = distiller.inputs(images, SampleKeys(distiller.seed, state["step"], 0))
+        with timer.section("teacher"):
+            targets = distiller.teacher_targets(images, noise)
+        with timer.section("student_fwd_bwd"):
+            distiller.student_losses(targets.images, targets)["loss"].backward()
+        with timer.section("optimizer"):
+            optimizer_step(distiller, optimizer, scheduler, cfg.optim.grad_clip)
+        state["step"] += 1
+
+    return whole, instrumented, flops_per_image
+
+
+def jpeg_folder(cfg, out: Path) -> Path:
+    """The run's training images as JPEG files in one ImageFolder class folder (what a naive loop reads)."""
+    from dtengine.data.pipeline import read_shards
+    from dtengine.data.shard_stream import resolve_shards
+
+    folder = out / "images" / "all"
+    folder.mkdir(parents=True)
+    for sample in read_shards({"url": url} for url in resolve_shards(cfg.data.shards, cfg.data.builtin_root,
+                                                                     cfg.data.image_size)):  # fmt: skip
+        (folder / f"{sample['__key__']}.jpg").write_bytes(sample["jpg"])
+    return folder.parent
+
+
+def naive_step(name: str, cfg, device: torch.device, scratch: Path):
+    from naive_loop import NaiveDistillation
+
+    from dtengine.runtime.device import seed_everything, seeded
+    from dtengine.students.student import DistillationStudent
+
+    seed_everything(cfg.train.seed)
+    teacher = build_teacher(name, cfg, device)
+    with seeded(cfg.train.seed):
+        student = DistillationStudent(cfg.student, teacher.levels).to(device).train()
+    loop = NaiveDistillation(
+        teacher.unet, teacher.scheduler, list(cfg.teacher.blocks), cfg.teacher.timestep, student,
+        jpeg_folder(cfg, scratch), cfg.data.image_size, cfg.data.batch_size, cfg.data.num_workers, cfg.optim.lr,
+        device,
+    )  # fmt: skip
+
+    def instrumented(timer: Timer) -> None:
+        with timer.section("data_wait"):
+            images = loop.next_batch()
+        with timer.section("inputs"):
+            images = loop.to_device(images)
+        with timer.section("teacher"):
+            targets = loop.teacher_features(images)
+        with timer.section("student_fwd_bwd"):
+            loss = loop.student_backward(images, targets)
+        with timer.section("optimizer"):
+            loop.optimizer_step(loss)
+
+    return loop.step, instrumented
+
+
+def measure(args) -> dict:
+    """One (config, mode) in this process: warm-up, timed windows, instrumented pass, peak memory."""
+    from dtengine.runtime.device import peak_memory_gb, resolve_device
+
+    cfg = run_config(args.config, args.overrides)
+    device = resolve_device(cfg.train.device)
+    with tempfile.TemporaryDirectory() as scratch:
+        flops = None
+        if args.mode == "naive":
+            whole, instrumented = naive_step(args.config, cfg, device, Path(scratch))
+        else:
+            whole, instrumented, flops = engine_step(args.config, cfg, device, args.mode == "compiled")
+        start = time.perf_counter()
+        for _ in range(args.warmup):
+            whole()
+        synchronize(device)
+        warmup_s = time.perf_counter() - start
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        windows = []
+        for _ in range(args.windows):
+            synchronize(device)
+            start = time.perf_counter()
+            for _ in range(args.window_steps):
+                whole()
+            synchronize(device)
+            windows.append(args.window_steps * cfg.data.batch_size / (time.perf_counter() - start))
+        timer = Timer(device)
+        for _ in range(args.split_steps):
+            instrumented(timer)
+    return {
+        "config": args.config,
+        "mode": args.mode,
+        "student": cfg.student.model,
+        "image_size": cfg.data.image_size,
+        "batch": cfg.data.batch_size,
+        "img_per_s": statistics.median(windows),
+        "windows": [round(w, 2) for w in windows],
+        "warmup_s": round(warmup_s, 1),
+        "flops_per_image": flops,
+        **{k: round(v, 3) for k, v in peak_memory_gb(device).items()},
+        **{f"{part}_ms": round(1000 * timer.totals.get(part, 0.0) / args.split_steps, 2) for part in PART_NAMES},
+    }
+
+
+# ------------------------------------------------------------------------------------------------ the run ---
+def run_worker(config: str, mode: str, args) -> dict | str:
+    """Measure one (config, mode) in a subprocess; its result dict, or the reason it failed."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        command = [sys.executable, __file__, "--worker", config, mode, "--result", out.name, *worker_flags(args)]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
+        if proc.returncode != 0:
+            lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()
+            return lines[-1][:200]
+        return json.loads(Path(out.name).read_text())
+
+
+def worker_flags(args) -> list[str]:
+    flags = ["--warmup", str(args.warmup), "--windows", str(args.windows)]
+    flags += ["--window-steps", str(args.window_steps), "--split-steps", str(args.split_steps)]
+    return [*flags, *args.overrides]
+
+
+def summarise(results: list[dict], env: dict) -> list[dict]:
+    """CSV rows: every result with its environment, ratios to the same config's eager and naive modes, MFU."""
+    peak = peak_flops(env["device"])
+    rows = []
+    for result in results:
+        same = {r["mode"]: r for r in results if r["config"] == result["config"]}
+        flops = next((r["flops_per_image"] for r in same.values() if r.get("flops_per_image")), None)
+        ratio = {base: (result["img_per_s"] / same[base]["img_per_s"]) if base in same else None
+                 for base in ("eager", "naive")}  # fmt: skip
+        mfu = flops * result["img_per_s"] / peak if flops and peak else None
+        rows.append({
+            **env, **{k: v for k, v in result.items() if k not in ("flops_per_image", "windows")},
+            "img_per_s": round(result["img_per_s"], 2), "windows": " ".join(map(str, result["windows"])),
+            "vs_eager": "na" if ratio["eager"] is None else round(ratio["eager"], 3),
+            "vs_naive": "na" if ratio["naive"] is None else round(ratio["naive"], 3),
+            "gflops_per_image": "na" if flops is None else round(flops / 1e9, 2),
+            "mfu": "na" if mfu is None else round(mfu, 4),
+        })  # fmt: skip
+    return rows
+
+
+def plot(rows: list[dict], path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    configs = list(dict.fromkeys(r["config"] for r in rows))
+    fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), squeeze=False)
+    for ax, config in zip(axes[0], configs):
+        mine = [r for r in rows if r["config"] == config]
+        bars = ax.bar([r["mode"] for r in mine], [r["img_per_s"] for r in mine], color=["#999", "#4a7", "#27c"])
+        ax.bar_label(bars, labels=[f"{r['img_per_s']:.1f}" for r in mine], fontsize=8)
+        ax.set_title(f"{config} ({mine[0]['student']}, {mine[0]['image_size']} px, batch {mine[0]['batch']})",
+                     fontsize=9)  # fmt: skip
+        ax.set_ylabel("images / s (median of windows)")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--csv", default=str(RESULTS / "bench_step.csv"))
-    parser.add_argument("overrides", nargs="*")
+    parser.add_argument("--configs", help=f"comma list of {CONFIGS} (default: what this device runs)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma list of {MODES}")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps first (compilation happens here)")
+    parser.add_argument("--windows", type=int, default=3, help="timed windows; img/s is their median")
+    parser.add_argument("--window-steps", type=int, default=8)
+    parser.add_argument("--split-steps", type=int, default=5, help="steps of the instrumented per-part pass")
+    parser.add_argument("--timeout-s", type=int, default=1200, help="per (config, mode) process")
+    parser.add_argument("--csv", help="default: benchmarks/results/bench_step_<device>.csv")
+    parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo config (and compile.*)")
     args = parser.parse_args()
+    if args.worker:
+        args.config, args.mode = args.worker
+        Path(args.result).write_text(json.dumps(measure(args)))
+        return
 
-    cfg = load_config(args.config, args.overrides)
     env = environment()
-    print(format_environment(env))
-    seed_everything(cfg.train.seed)
-    distiller = Distiller.from_config(cfg).train()
-    device = distiller.device
-    optimizer = build_optimizer(distiller, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, args.warmup + 2 * args.steps)
-    cursor = BatchCursor(ShardStream(cfg.data, seed=cfg.train.seed))
-    batch_size, accum = cfg.data.batch_size, cfg.train.grad_accum
-    timer = Timer(device)
-    step = 0
-
-    def whole_step() -> None:
-        nonlocal step
-        for micro in range(accum):
-            losses = distiller(cursor.next()["image"], step=step, first_index=micro * batch_size)
-            (losses["loss"] / accum).backward()
-        optimizer_step(distiller, optimizer, scheduler, cfg.optim.grad_clip)
-        step += 1
-
-    def split_step() -> None:
-        nonlocal step
-        for micro in range(accum):
-            with timer.section("data_wait"):
-                images = cursor.next()["image"]
-            with timer.section("inputs"):
-                images, noise = distiller.inputs(images, SampleKeys(distiller.seed, step, micro * batch_size))
-            with timer.section("teacher"):
-                targets = distiller.teacher_targets(images, noise)
-            with timer.section("student_fwd_bwd"):
-                (distiller.student_losses(targets.images, targets)["loss"] / accum).backward()
-        with timer.section("optimizer"):
-            optimizer_step(distiller, optimizer, scheduler, cfg.optim.grad_clip)
-        step += 1
-
-    for _ in range(args.warmup):
-        whole_step()
-    synchronize(device)
-    start = time.perf_counter()
-    for _ in range(args.steps):
-        whole_step()
-    synchronize(device)
-    steady = time.perf_counter() - start
-    for _ in range(args.steps):
-        split_step()
-    row = {
-        **env,
-        "student": cfg.student.model,
-        "teacher": cfg.teacher.path,
-        "mode": cfg.distill.mode,
-        "image_size": cfg.data.image_size,
-        "batch": batch_size * accum,
-        "steps": args.steps,
-        "img_per_s": round(args.steps * batch_size * accum / steady, 2),
-        "step_ms": round(1000 * steady / args.steps, 2),
-        **{f"{name}_ms": round(1000 * t / args.steps, 2) for name, t in timer.totals.items()},
-    }
-    csv_path = Path(args.csv)
-    append_csv(csv_path, [row])
-    timing_columns = ["img_per_s", "step_ms"] + [k for k in row if k.endswith("_ms") and k != "step_ms"]
-    print(markdown_table([row], ["student", "batch", "image_size", *timing_columns]))
-    # The markdown report holds every row recorded so far, newest last, next to the CSV.
-    with csv_path.open() as handle:
-        history = list(csv.DictReader(handle))
-    columns = ["date", "commit", "device", "student", "batch", "image_size", *timing_columns]
-    report = csv_path.with_suffix(".md")
-    table = markdown_table([{c: r.get(c, "") for c in columns} for r in history], columns)
-    report.write_text(
-        "# bench_step results\n\nimg/s and step_ms: whole `Distiller` steps with the optimizer step, synchronised "
-        "only at the ends; the *_ms parts: a second pass synchronised around each part (rows before the "
-        "`Distiller` existed timed a hand-copied step, without inputs_ms or step_ms; a commit ending in +dirty had "
-        "uncommitted changes).\n\n" + table + "\n"
+    print(format_environment(env), flush=True)
+    configs = args.configs.split(",") if args.configs else (list(CONFIGS) if torch.cuda.is_available() else ["demo"])
+    modes = args.modes.split(",")
+    unknown = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in MODES]
+    if unknown:
+        parser.error(f"unknown configs/modes {unknown}; choose from {CONFIGS} and {MODES}")
+    results = []
+    for config in configs:
+        if config != "demo" and not torch.cuda.is_available():
+            print(f"config={config}: skipped (needs a CUDA device)", flush=True)
+            continue
+        for mode in modes:
+            outcome = run_worker(config, mode, args)
+            if isinstance(outcome, str):
+                print(f"config={config} mode={mode}: failed ({outcome})", flush=True)
+                continue
+            print(f"config={config} mode={mode}: {outcome['img_per_s']:.2f} img/s", flush=True)
+            results.append(outcome)
+    if not results:
+        sys.exit("bench_step: nothing was measured")
+    rows = summarise(results, env)
+    csv_path = Path(args.csv) if args.csv else RESULTS / f"bench_step_{device_slug(env['device'])}.csv"
+    append_csv(csv_path, rows)
+    columns = ["config", "mode", "student", "batch", "img_per_s", "vs_eager", "vs_naive", "mfu", "gflops_per_image"]
+    columns += ["warmup_s", *(k for k in rows[0] if k.startswith("peak_")), *(f"{p}_ms" for p in PART_NAMES)]
+    table = markdown_table(rows, columns)
+    csv_path.with_suffix(".md").write_text(
+        f"# bench_step: the step three ways\n\n{format_environment(env)}\n\nimg/s: median of {args.windows} windows "
+        f"of {args.window_steps} steps, synchronised only at their ends. The *_ms parts: a separate pass of "
+        f"{args.split_steps} steps synchronised around each part. MFU: the engine's useful FLOPs per image x img/s "
+        "/ the device's dense bf16 peak.\n\n" + table + "\n"
     )
-    print(f"appended to {csv_path}; report: {report}")
+    plot(rows, csv_path.with_suffix(".png"), f"bench_step on {env['device']} ({env['commit']}, {env['date'][:10]})")
+    print(table)
+    for row in rows:
+        print(f"config={row['config']} mode={row['mode']} img_per_s={row['img_per_s']} vs_eager={row['vs_eager']} "
+              f"vs_naive={row['vs_naive']} mfu={row['mfu']}")  # fmt: skip
+    print(f"appended to {csv_path}; report: {csv_path.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

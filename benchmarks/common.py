@@ -6,6 +6,7 @@ import csv
 import datetime as dt
 import os
 import platform
+import re
 import statistics
 import subprocess
 import time
@@ -59,6 +60,13 @@ def environment() -> dict[str, str]:
         "commit": commit,
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
     }
+
+
+def device_slug(device: str) -> str:
+    """The device as a file-name part: "cpu" for any CPU, "NVIDIA H100 80GB HBM3" -> "nvidia-h100-80gb-hbm3"."""
+    if device.startswith("cpu"):
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device.lower()).strip("-") or "unknown"
 
 
 def format_environment(env: dict) -> str:

@@ -8,7 +8,7 @@ Pieces, in order (each one a subprocess; a failing or timed-out piece is recorde
     pytest-gpu          pytest -m gpu -q, tee'd to pytest_gpu_<device>.log (skipped without CUDA)
     bench_feature_loss  bench_feature_loss_<device>.{csv,md,png}
     bench_attention     bench_attention_<device>.{csv,md,png}
-    bench_step          bench_step_<device>.{csv,md}; on CUDA the paper's student and resolution (STEP_CUDA)
+    bench_step          bench_step_<device>.{csv,md,png}: naive / eager / compiled; on CUDA the paper configs
 
 Without CUDA the benchmarks run their --quick variants (a CPU check of the wiring, not a measurement) and the
 GPU tests are reported as skipped. Every output name carries the device (e.g. nvidia-h100-80gb-hbm3), every CSV
@@ -40,11 +40,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-# bench_step on CUDA: ResNet-50 at 256 px, batch 64 (the paper's ImageNet student and resolution) on the built-in
-# data and teacher, the only ones a box without network access has. The teacher is the small built-in DDPM, so
-# the teacher share of the step is far below an ADM's: read the student and data columns, not the teacher's.
-STEP_CUDA = ["student.model=resnet50", "data.image_size=256", "data.batch_size=64", "data.num_workers=8"]
-STEP_CPU = ["--steps", "2", "--warmup", "1", "data.batch_size=4", "data.num_workers=0"]
+# bench_step on CUDA: the paper configurations (a random-weight ADM-256-sized teacher, ResNet-50 / ConvNeXt-B at
+# 256 px, batch 64; no weights needed) and the demo, each as naive, eager and compiled. Without CUDA: the demo at a
+# small batch, one short window per mode, eager compile backend (a check of the wiring, not a measurement).
+STEP_CUDA = ["--configs", "demo,paper-r50,paper-convnext-b", "--window-steps", "10", "--split-steps", "5"]
+STEP_CPU = ["--configs", "demo", "--warmup", "1", "--windows", "1", "--window-steps", "1", "--split-steps", "1"]
+STEP_CPU += ["data.batch_size=4", "data.num_workers=0", "compile.backend=aot_eager"]
 STATUS_WIDTH = 18
 
 
@@ -134,9 +135,9 @@ PIECES = [
     Piece(
         "bench_step",
         lambda c: _bench(c, "bench_step.py", "--csv", str(_csv(c, "bench_step")), *(STEP_CUDA if c.cuda else STEP_CPU)),
-        lambda c: _with_report(_csv(c, "bench_step"), plot=False),
-        modules=("torch", "timm", "diffusers", "webdataset", "braceexpand", "omegaconf", "yaml"),
-        timeout_s=300,
+        lambda c: _with_report(_csv(c, "bench_step")),
+        modules=("torch", "torchvision", "timm", "diffusers", "webdataset", "braceexpand", "omegaconf", "yaml"),
+        timeout_s=600,
     ),
 ]
 

@@ -127,10 +127,14 @@ class Distiller(nn.Module):
             precision=cfg.train.precision,
             hflip=cfg.train.hflip,
             seed=cfg.train.seed,
-        ).to(device)
-        if use_channels_last(device):
-            distiller = distiller.to(memory_format=torch.channels_last)
-        return distiller
+        )
+        return distiller.place(device)
+
+    def place(self, device: torch.device | str) -> Distiller:
+        """Move the step (student, teacher, interpreter) to `device`, in channels_last on CUDA; returns self."""
+        device = torch.device(device)
+        self.to(device)
+        return self.to(memory_format=torch.channels_last) if use_channels_last(device) else self
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .cuda(), .half() ... move the frozen parts too, although they are not registered children.

@@ -1,4 +1,4 @@
-"""The step benchmark runs end to end on tiny inputs and records environment + timings (no numbers asserted)."""
+"""The benchmarks run end to end on tiny inputs and record environment + timings (no speed is asserted)."""
 
 from __future__ import annotations
 
@@ -10,20 +10,33 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
 
 
-def test_bench_step_writes_a_csv_row(tiny_run_overrides, tmp_path):
+def test_bench_step_measures_three_modes_side_by_side(tiny_run_overrides, tmp_path):
     out = tmp_path / "bench.csv"
+    quick = ["--warmup", "1", "--windows", "2", "--window-steps", "1", "--split-steps", "1", "--csv", str(out)]
     proc = subprocess.run(
-        [sys.executable, str(BENCH), "--steps", "2", "--warmup", "1", "--csv", str(out), *tiny_run_overrides],
+        [sys.executable, str(BENCH), "--configs", "demo", *quick, *tiny_run_overrides, "compile.backend=aot_eager"],
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr
-    assert "device=" in proc.stdout and "commit=" in proc.stdout and "img_per_s" in proc.stdout
-    (row,) = list(csv.DictReader(out.open()))
-    for column in ("device", "torch", "commit", "date", "img_per_s", "teacher_ms", "student_fwd_bwd_ms"):
-        assert row[column], column
-    assert float(row["img_per_s"]) > 0
+    assert "device=" in proc.stdout and "commit=" in proc.stdout
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["config"], r["mode"]) for r in rows] == [("demo", "naive"), ("demo", "eager"), ("demo", "compiled")]
+    for column in ("device", "torch", "commit", "date", "img_per_s", "windows", "peak_rss_gb", "warmup_s"):
+        assert all(r[column] for r in rows), column
+    for column in ("data_wait_ms", "inputs_ms", "teacher_ms", "student_fwd_bwd_ms", "optimizer_ms"):
+        assert all(float(r[column]) > 0 for r in rows), column
+    assert rows[1]["vs_eager"] == "1.0" and rows[0]["vs_naive"] == "1.0" and rows[0]["mfu"] == "na"  # CPU: no peak
+    assert float(rows[1]["gflops_per_image"]) > 0  # counted with the custom ops' formulas
+    assert out.with_suffix(".md").exists() and out.with_suffix(".png").stat().st_size > 0
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("config=") and "img_per_s=" in line]
+    assert [line.split()[0:2] for line in summary] == [
+        ["config=demo", f"mode={m}"] for m in ("naive", "eager", "compiled")
+    ]
+    assert [field.split("=")[0] for field in summary[0].split()] == [
+        "config", "mode", "img_per_s", "vs_eager", "vs_naive", "mfu"
+    ]  # fmt: skip
 
 
 BENCH_FEATURE_LOSS = BENCH.parent / "bench_feature_loss.py"

@@ -80,3 +80,8 @@ def test_every_run_config_key_is_documented():
         keys = [f"{section.name}.{f.name}" for f in fields(default)] if is_dataclass(default) else [section.name]
         missing += [key for key in keys if f"`{key}`" not in text]
     assert missing == []
+
+
+def test_text_overrides_are_taken_as_typed():
+    cfg = load_config(DEMO, ["train.profile_steps=10:12", "data.shards=/data/a:b/shard-{0..3}.tar"])
+    assert cfg.train.profile_steps == "10:12" and cfg.data.shards == "/data/a:b/shard-{0..3}.tar"

@@ -11,7 +11,7 @@ import torch
 
 from dtengine import load_config
 from dtengine.runtime.checkpoint import list_checkpoints, load_checkpoint
-from dtengine.runtime.errors import CheckpointError, DataError, OutputDirError, StudentError
+from dtengine.runtime.errors import CheckpointError, ConfigError, DataError, OutputDirError, StudentError
 from dtengine.train.distillation import run_distillation
 
 
@@ -101,3 +101,27 @@ def test_cuda_run_uses_bf16_and_channels_last(tiny_run_overrides):
     assert teacher.compute_dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32)
     result = run_distillation(cfg)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+
+
+def test_held_out_loss_profile_trace_and_peak_memory(tiny_run_overrides, tiny_val_shards):
+    overrides = ["train.steps=3", "train.val_every=2", "train.val_batches=2", "train.profile_steps=2:3"]
+    result = run_distillation(config(tiny_run_overrides, *overrides, f"data.val_shards={tiny_val_shards}"))
+    rows = {r["step"]: r for r in map(json.loads, (result.run_dir / "metrics.jsonl").read_text().splitlines())}
+    assert "val_loss" not in rows[1] and {"val_loss", "val_mse", "val_at"} <= set(rows[2]) and "val_loss" in rows[3]
+    assert rows[1]["first_step_s"] > 0 and rows[1]["compiled"] == "none"  # compile is off on CPU by default
+    assert all(r["peak_rss_gb"] > 0 for r in rows.values())
+    assert (result.run_dir / "profile" / "trace_steps_2-3.json").stat().st_size > 1000
+    # The same held-out batches and noise every time: an unchanged student scores the same twice.
+    from dtengine.train import distillation
+
+    again = config(tiny_run_overrides, f"out_dir={result.run_dir}-again", f"data.val_shards={tiny_val_shards}")
+    run = distillation.build_run(again, resuming=False)
+    batches = distillation.held_out_batches(run.cfg)
+    assert distillation.validate(run, batches) == distillation.validate(run, batches)
+
+
+def test_held_out_shards_are_required_for_own_data(tiny_run_overrides, tiny_shards):
+    with pytest.raises(ConfigError, match="data.val_shards"):
+        run_distillation(config(tiny_run_overrides, f"data.shards={tiny_shards}", "train.val_every=1"))
+    with pytest.raises(ConfigError, match="profile_steps"):
+        config(tiny_run_overrides, "train.profile_steps=5")

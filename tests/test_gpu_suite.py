@@ -35,7 +35,7 @@ def test_dry_run_plans_quick_variants_and_skips_gpu_tests_on_cpu(tmp_path):
     assert "skipped: needs CUDA" in lines["pytest-gpu"]
     for piece in ("bench_feature_loss", "bench_attention", "bench_step"):
         assert "would run:" in lines[piece] and f"{piece}_cpu.csv" in lines[piece]
-    assert "--quick" in lines["bench_attention"] and "--steps" in lines["bench_step"]
+    assert "--quick" in lines["bench_attention"] and "--window-steps" in lines["bench_step"]
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 

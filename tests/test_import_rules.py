@@ -29,9 +29,11 @@ ALLOWED = {
     "export": BOTTOM,
     "eval": BOTTOM | {"eval", "data", "ops", "losses", "students", "teachers"},
     "distill": BOTTOM | {"data", "ops", "losses", "students", "teachers"},
-    "train": BOTTOM | {"train", "distill", "data", "ops", "losses", "students", "teachers", "eval", "export"},
+    "parallel": BOTTOM | {"parallel", "distill"},
+    "train": BOTTOM
+    | {"train", "parallel", "distill", "data", "ops", "losses", "students", "teachers", "eval", "export"},
     "cli": BOTTOM | {"cli", "train", "distill", "data", "eval", "teachers", "__init__"},
-    "__init__": BOTTOM | {"train", "distill", "ops", "teachers", "students", "losses", "data", "export"},
+    "__init__": BOTTOM | {"train", "parallel", "distill", "ops", "teachers", "students", "losses", "data", "export"},
     "__main__": {"cli"},
 }
 WHY = {

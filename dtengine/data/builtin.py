@@ -7,7 +7,6 @@ so a folder with the final name is always a whole dataset; a second call just re
 
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +18,7 @@ from tqdm import tqdm
 from dtengine.data.shards import write_shards
 from dtengine.data.synthetic import SHAPE_CLASSES, render_sample
 from dtengine.runtime.errors import DataError
-from dtengine.runtime.io import atomic_folder
+from dtengine.runtime.io import atomic_folder, cache_dir
 
 _VERSION = "v1"  # bump when the generator changes, so old caches are not mistaken for the new dataset
 _SPLITS = {"train": 0, "val": 1}  # split name -> stream id mixed into the seed, so splits never share samples
@@ -38,11 +37,6 @@ class BuiltinDataset:
     """Brace pattern of the validation shards."""
     classes: tuple[str, ...]
     """Class names; index = label id in "seg.png" and "cls"."""
-
-
-def default_cache_dir() -> Path:
-    """`$DTENGINE_CACHE`, or `~/.cache/dtengine` when it is unset or empty."""
-    return Path(os.environ.get("DTENGINE_CACHE") or "~/.cache/dtengine").expanduser()
 
 
 def _encode(image: np.ndarray, seg: np.ndarray, cls: int, key: str) -> dict:
@@ -99,7 +93,7 @@ def builtin_dataset(
             raise DataError(f"builtin dataset {name} must be a positive integer, got {value!r}")
     if image_size < 8:
         raise DataError(f"builtin dataset image_size must be at least 8, got {image_size}")
-    cache = default_cache_dir() if root is None else Path(root).expanduser()
+    cache = cache_dir() if root is None else Path(root).expanduser()
     name = f"builtin-shapes-{_VERSION}-{image_size}px-{num_train}-{num_val}-seed{seed}"
     target = cache / name
     counts = {"train": num_train, "val": num_val}

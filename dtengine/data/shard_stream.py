@@ -58,6 +58,9 @@ class DataConfig:
     'fail' stops with a DataError naming the sample and its shard."""
     builtin_root: str = ""
     """Cache folder of the built-in dataset ("" = `$DTENGINE_CACHE`, default `~/.cache/dtengine`)."""
+    val_shards: str = ""
+    """Held-out shards for `train.val_every` ("" = "builtin:val" when `shards` is built-in; other shards need
+    their own)."""
 
     def __post_init__(self):
         for name, minimum in (("image_size", 8), ("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0)):
@@ -231,3 +234,12 @@ class BatchCursor:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self._batches = self.stream.epoch(self.epoch)
         raise ConfigError("the training shards yield no full batch; lower data.batch_size or add data")
+
+
+def held_out_shards(cfg: DataConfig) -> str:
+    """The held-out shard pattern of `cfg` (see `DataConfig.val_shards`)."""
+    if cfg.val_shards.strip():
+        return cfg.val_shards
+    if cfg.shards.strip() in _BUILTIN:
+        return "builtin:val"
+    raise ConfigError("train.val_every needs held-out shards: set data.val_shards to a shard pattern")

@@ -24,6 +24,16 @@ from dtengine.runtime.errors import ConfigError
 Schema = TypeVar("Schema")
 
 
+def _field_type(schema: type, dotted_key: str) -> Any:
+    """The annotated type of a dotted key in the schema, or None when the key is not a field."""
+    node: Any = schema
+    for part in dotted_key.split("."):
+        if not is_dataclass(node):
+            return None
+        node = typing.get_type_hints(node).get(part)
+    return node
+
+
 def _valid_keys(schema: type, dotted_parent: str) -> list[str]:
     node: Any = schema
     for part in [p for p in dotted_parent.split(".") if p]:
@@ -76,10 +86,21 @@ def load_config(
         for override in overrides:
             if "=" not in override or override.startswith("="):
                 raise ConfigError(f"override '{override}' is not of the form key=value (e.g. train.steps=100)")
-            merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
+            key, _, value = override.partition("=")
+            if _field_type(schema, key.strip()) is str:
+                # Text fields take the text as typed: YAML would read 10:12 as the base-60 number 612.
+                merged = OmegaConf.merge(merged, OmegaConf.create(_nest(key.strip(), value)))
+            else:
+                merged = OmegaConf.merge(merged, OmegaConf.from_dotlist([override]))
         return OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _explain(err, schema) from None
+
+
+def _nest(dotted_key: str, value: Any) -> dict:
+    for part in reversed(dotted_key.split(".")):
+        value = {part: value}
+    return value
 
 
 def config_from_dict(values: dict | None, *, schema: type[Schema], what: str = "config") -> Schema:

@@ -63,6 +63,24 @@ def use_channels_last(device: torch.device) -> bool:
     return device.type == "cuda"
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU): only around timings, never in the hot loop."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak_memory_gb(device: torch.device) -> dict[str, float]:
+    """{"peak_mem_gb": the CUDA allocator's peak} on CUDA, {"peak_rss_gb": the process's peak RSS} elsewhere.
+
+    Both are host-side counters: reading them does not wait for the device.
+    """
+    if device.type == "cuda":
+        return {"peak_mem_gb": torch.cuda.max_memory_allocated(device) / 2**30}
+    import resource
+
+    return {"peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # ru_maxrss is in KiB
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python's, NumPy's and torch's global generators (for what a run builds before training)."""
     random.seed(seed)

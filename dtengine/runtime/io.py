@@ -18,6 +18,12 @@ from typing import IO
 from dtengine.runtime.errors import OutputDirError
 
 
+def cache_dir() -> Path:
+    """dtengine's cache folder (the built-in dataset, compiled kernels): `$DTENGINE_CACHE`, or
+    `~/.cache/dtengine` when it is unset or empty. Read on every call, so tests and users can point it elsewhere."""
+    return Path(os.environ.get("DTENGINE_CACHE") or "~/.cache/dtengine").expanduser()
+
+
 def _temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
 

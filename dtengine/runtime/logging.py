@@ -69,6 +69,14 @@ class StepWindow:
         for name, value in values.items():
             self._numbers[name] = self._numbers.get(name, 0.0) + value
 
+    def restart_clock(self) -> float:
+        """Start the window's clock (and its image count) again, keeping the sums: used after a warm-up step, so
+        img/s is steady-state throughput. Returns the seconds the clock had run."""
+        elapsed = time.perf_counter() - self._started
+        self._numbers.pop("images", None)
+        self._started = time.perf_counter()
+        return elapsed
+
     def pull(self) -> dict[str, float]:
         names = list(self._tensors)
         pulled = torch.stack([self._tensors[n] for n in names]).cpu().tolist() if names else []
@@ -80,6 +88,57 @@ class StepWindow:
 def progress_bar(total: int, desc: str, *, initial: int = 0, enabled: bool = True, unit: str = "step") -> tqdm:
     """The progress bar of every long loop: steps done, rate, elapsed and ETA; loops add img/s and the loss."""
     return tqdm(total=total, initial=initial, desc=desc, unit=unit, disable=not enabled, dynamic_ncols=True)
+
+
+def parse_step_range(spec: str) -> tuple[int, int] | None:
+    """ "A:B" -> (A, B) with 1 <= A <= B; "" -> None. Raises ValueError otherwise."""
+    if not spec:
+        return None
+    first, sep, last = spec.partition(":")
+    if not sep or not first.strip().isdigit() or not last.strip().isdigit() or not 1 <= int(first) <= int(last):
+        raise ValueError(f"expected A:B with 1 <= A <= B (e.g. 10:12), got {spec!r}")
+    return int(first), int(last)
+
+
+class StepProfiler:
+    """torch.profiler over optimizer steps A..B of a run (1-based), written as a Chrome trace into `out_dir`.
+
+    Call `step(n)` after step n finishes: profiling starts before step A and the trace is written after step B.
+    """
+
+    def __init__(self, steps: tuple[int, int] | None, out_dir: Path):
+        self.steps, self.out_dir, self._profile, self.trace = steps, Path(out_dir), None, None
+        if steps is not None and steps[0] == 1:
+            self._start()
+
+    def _start(self) -> None:
+        from torch.profiler import ProfilerActivity, profile
+
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+        self._profile = profile(activities=activities, record_shapes=True, with_stack=False)
+        self._profile.__enter__()
+
+    def step(self, finished: int) -> None:
+        if self.steps is None:
+            return
+        first, last = self.steps
+        if finished == first - 1 and self._profile is None:
+            self._start()
+        if finished == last and self._profile is not None:
+            self._profile.__exit__(None, None, None)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.trace = self.out_dir / f"trace_steps_{first}-{last}.json"
+            self._profile.export_chrome_trace(str(self.trace))
+            self._profile = None
+
+    def close(self) -> None:
+        """End a profile still running (the run stopped inside the range), keeping what it saw."""
+        if self._profile is not None:
+            self._profile.__exit__(None, None, None)
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            self.trace = self.out_dir / f"trace_steps_{self.steps[0]}-{self.steps[1]}_partial.json"
+            self._profile.export_chrome_trace(str(self.trace))
+            self._profile = None
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -102,8 +161,12 @@ def plot_loss_curve(metrics_path: Path, png_path: Path, keys: tuple[str, ...] = 
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        points = [(row["step"], row[key]) for row in rows if key in row]
-        ax.plot([p[0] for p in points], [p[1] for p in points], lw=1.5)
+        for name, style in ((key, "-"), (f"val_{key}", "o-")):  # held-out values beside the training curve
+            points = [(row["step"], row[name]) for row in rows if name in row]
+            if points:
+                ax.plot([p[0] for p in points], [p[1] for p in points], style, lw=1.5, ms=3, label=name)
+        if any(f"val_{key}" in row for row in rows):
+            ax.legend(fontsize=7)
         ax.set_title(key)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)

@@ -1,13 +1,16 @@
 """`dtengine distill`: the distillation loop around the `Distiller` step.
 
-    build    run directory, `Distiller.from_config`, optimizer, schedule, shard cursor, metrics
+    build    run directory, `Distiller.from_config`, `apply_compile`, optimizer, schedule
     resume   model, optimizer, schedule, RNG states and data position from a checkpoint
     loop     micro-batches -> `Distiller` -> backward -> `optimizer_step`; metrics stay on the device and are
-             pulled every `train.log_every` steps; checkpoints every `checkpoint.every`
+             pulled every `train.log_every` steps; held-out loss every `train.val_every`; checkpoints every
+             `checkpoint.every`; a profiler trace over `train.profile_steps`
     finish   export the backbone, plot the loss curve
 
-Outputs in the run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/, loss_curve.png and
-backbone.safetensors. A resumed run takes exactly the steps an uninterrupted one would have taken.
+The first step of a process (compilation included) is timed on its own and logged as `first_step_s`; img/s
+counts the steps after it. Outputs in the run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/,
+loss_curve.png, backbone.safetensors, and profile/ when asked for. A resumed run takes exactly the steps an
+uninterrupted one would have taken.
 """
 
 from __future__ import annotations
@@ -19,18 +22,26 @@ from typing import Any
 
 import torch
 
-from dtengine.data.shard_stream import BatchCursor, DataConfig, ShardStream, resolve_shards
+from dtengine.data.shard_stream import BatchCursor, DataConfig, ShardStream, held_out_shards, resolve_shards
 from dtengine.distill import Distiller
 from dtengine.export import export_backbone
 from dtengine.levels import describe_levels
 from dtengine.losses.objective import DistillConfig, LossConfig
+from dtengine.parallel.compile import CompileConfig, apply_compile
 from dtengine.runtime import checkpoint as ckpt
 from dtengine.runtime.checkpoint import CheckpointConfig
 from dtengine.runtime.config import config_to_dict, config_to_yaml
-from dtengine.runtime.device import PRECISIONS, seed_everything
+from dtengine.runtime.device import PRECISIONS, peak_memory_gb, seed_everything, synchronize
 from dtengine.runtime.errors import CheckpointError, ConfigError, OutputDirError
 from dtengine.runtime.io import atomic_write, prepare_output_dir
-from dtengine.runtime.logging import MetricsLogger, StepWindow, plot_loss_curve, progress_bar
+from dtengine.runtime.logging import (
+    MetricsLogger,
+    StepProfiler,
+    StepWindow,
+    parse_step_range,
+    plot_loss_curve,
+    progress_bar,
+)
 from dtengine.students.student import StudentConfig
 from dtengine.teachers.diffusion import TeacherConfig
 from dtengine.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
@@ -57,6 +68,13 @@ class TrainConfig:
     log_every: int = 10
     """Write a metrics row (loss terms, lr, img/s, data wait) every this many steps; the only steps on which the
     loop reads values back from the device."""
+    val_every: int = 0
+    """Every this many steps, the loss terms on `val_batches` held-out batches (`data.val_shards`), logged as
+    val_loss, val_mse, ... and plotted beside the training loss (0 = never)."""
+    val_batches: int = 4
+    """Held-out batches per validation: the first ones of the held-out shards, with the same noise every time."""
+    profile_steps: str = ""
+    """"A:B" writes a torch profiler trace of optimizer steps A..B (1-based) into the run's profile/ folder."""
     tensorboard: bool = True
     progress: bool = True
     """Show a progress bar with loss, img/s and ETA."""
@@ -64,6 +82,12 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if self.steps <= 0 or self.grad_accum <= 0 or self.log_every <= 0:
             raise ConfigError("train.steps, train.grad_accum and train.log_every must be positive integers")
+        if self.val_every < 0 or self.val_batches <= 0:
+            raise ConfigError("train.val_every must be >= 0 and train.val_batches positive")
+        try:
+            parse_step_range(self.profile_steps)
+        except ValueError as err:
+            raise ConfigError(f"train.profile_steps: {err}") from None
         if self.precision not in PRECISIONS:
             raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
@@ -81,6 +105,7 @@ class RunConfig:
     distill: DistillConfig = field(default_factory=DistillConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    compile: CompileConfig = field(default_factory=CompileConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -104,6 +129,7 @@ class DistillationRun:
     optimizer: torch.optim.Optimizer
     scheduler: Any
     architecture: dict[str, Any]
+    compiled: list[str] = field(default_factory=list)
     step: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
@@ -140,9 +166,11 @@ def build_run(cfg: RunConfig, resuming: bool) -> DistillationRun:
     resolve_shards(cfg.data.shards, cfg.data.builtin_root, cfg.data.image_size)  # fail fast on a bad pattern
     seed_everything(cfg.train.seed)
     distiller = Distiller.from_config(cfg)
+    architecture = architecture_of(cfg, distiller)
+    compiled = apply_compile(distiller, cfg.compile)
     optimizer = build_optimizer(distiller, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    return DistillationRun(cfg, run_dir, distiller, optimizer, scheduler, architecture_of(cfg, distiller))
+    return DistillationRun(cfg, run_dir, distiller, optimizer, scheduler, architecture, compiled)
 
 
 def resume_run(run: DistillationRun, source: str | bool) -> None:
@@ -184,21 +212,57 @@ def metrics_row(run: DistillationRun, sums: dict[str, float], grad_norm: torch.T
         **{name: sums[name] / steps for name in run.distiller.term_names},
         "lr": lr,
         "grad_norm": grad_norm.item(),
-        "img_per_s": sums["images"] / sums["seconds"],
+        "img_per_s": sums.get("images", 0) / sums["seconds"],
         "data_wait_s": sums["wait"] / steps,
         "skipped_corrupt": int(sums["skipped"]),
         "epoch": epoch,
+        **peak_memory_gb(run.distiller.device),
     }
+
+
+VALIDATION_STEP = 2**62
+"""The step key of held-out batches: the same noise and flips at every validation, never a training step's."""
+
+
+def held_out_batches(cfg: RunConfig) -> list[torch.Tensor]:
+    """The first `train.val_batches` batches of the held-out shards, in shard order, kept in memory."""
+    data = DataConfig(
+        shards=held_out_shards(cfg.data), image_size=cfg.data.image_size, batch_size=cfg.data.batch_size,
+        num_workers=0, shuffle_buffer=0, on_corrupt="skip", builtin_root=cfg.data.builtin_root,
+    )  # fmt: skip
+    batches = []
+    for batch in ShardStream(data, seed=0).epoch(0):
+        batches.append(batch["image"])
+        if len(batches) == cfg.train.val_batches:
+            break
+    if not batches:
+        raise ConfigError(f"held-out shards '{data.shards}' give no full batch of {data.batch_size}; add data")
+    return batches
+
+
+@torch.no_grad()
+def validate(run: DistillationRun, batches: list[torch.Tensor]) -> dict[str, float]:
+    """Mean loss terms over the held-out batches, the student in eval mode (its running BatchNorm statistics)."""
+    distiller, window = run.distiller, StepWindow()
+    distiller.eval()
+    for index, images in enumerate(batches):
+        window.add_tensors(distiller(images, step=VALIDATION_STEP, first_index=index * images.shape[0]))
+    distiller.train()
+    sums = window.pull()
+    return {f"val_{name}": sums[name] / len(batches) for name in distiller.term_names}
 
 
 def train_loop(run: DistillationRun, cursor: BatchCursor, metrics: MetricsLogger) -> None:
     cfg, distiller = run.cfg, run.distiller
     accum, batch_size = cfg.train.grad_accum, cfg.data.batch_size
     bar = progress_bar(cfg.train.steps, "distill", initial=run.step, enabled=cfg.train.progress)
-    window = StepWindow()
+    profiler = StepProfiler(parse_step_range(cfg.train.profile_steps), run.run_dir / "profile")
+    val_batches = held_out_batches(cfg) if cfg.train.val_every else []
+    window, first_step = StepWindow(), run.step + 1
     distiller.train()
     try:
         while run.step < cfg.train.steps:
+            profiler.step(run.step)
             for micro in range(accum):
                 wait_start = time.perf_counter()
                 batch = cursor.next()
@@ -211,14 +275,24 @@ def train_loop(run: DistillationRun, cursor: BatchCursor, metrics: MetricsLogger
             run.step += 1
             window.add(steps=1)
             bar.update(1)
+            row = {}
+            if run.step == first_step:
+                # Compilation and warm-up, timed apart: one sync, outside the steady state.
+                synchronize(distiller.device)
+                row.update(first_step_s=window.restart_clock(), compiled=",".join(run.compiled) or "none")
             if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
-                row = metrics_row(run, window.pull(), grad_norm, lr, cursor.epoch)
-                metrics.log(run.step, row)
+                row.update(metrics_row(run, window.pull(), grad_norm, lr, cursor.epoch))
                 run.logged_losses.append(row["loss"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}", refresh=False)
+            if cfg.train.val_every and (run.step % cfg.train.val_every == 0 or run.step == cfg.train.steps):
+                row.update(validate(run, val_batches))
+            if row:
+                metrics.log(run.step, row)
             if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
                 save_run(run, cursor)
+        profiler.step(run.step)
     finally:
+        profiler.close()
         bar.close()
 
 

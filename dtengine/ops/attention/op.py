@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from dtengine.ops.attention.reference import attention_backward_reference
 
@@ -75,3 +76,18 @@ def _backward(ctx, grad_out: Tensor, _grad_lse: Tensor):
 
 
 attention_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# FLOP counts for `torch.utils.flop_counter` (MFU in the step benchmark), which counts a custom op as 0 otherwise.
+# Forward: two (N x N x D) matmuls per head, 2 FLOPs per multiply-add. Backward: five, as a flash backward
+# recomputes the scores (the reference backward of the other backends is made of aten ops, counted by torch).
+@register_flop_formula(torch.ops.dtengine.attention_forward)
+def _attention_forward_flops(q_shape, k_shape, v_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, tokens, head_dim = q_shape
+    return 4 * batch * heads * tokens * tokens * head_dim
+
+
+@register_flop_formula(torch.ops.dtengine.attention_backward_triton)
+def _attention_backward_flops(grad_shape, q_shape, *args, out_shape=None, **kwargs) -> int:
+    batch, heads, tokens, head_dim = q_shape
+    return 10 * batch * heads * tokens * tokens * head_dim

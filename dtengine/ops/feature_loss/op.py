@@ -16,10 +16,12 @@ per level exist; dr is released with the graph.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+from torch.utils.flop_counter import register_flop_formula
 
 from dtengine.ops.feature_loss.reference import (
     AT_NORM_EPS,
@@ -122,3 +124,13 @@ def fused_feature_regression_loss(
         raise ValueError(f"fused feature loss impl must be one of {OP_IMPLS}, got {impl!r}")
     loss, mse, at, *_ = _fused_op(list(student_feats), [g.detach() for g in teacher_feats], at_weight, whiten, impl)
     return FeatureRegressionLoss(loss, mse, at)
+
+
+FLOPS_PER_ELEMENT = 15
+"""Arithmetic per element of a level, forward with its gradient: whitening (mean, variance, normalise) 5, squared
+error 3, both attention maps 4, d loss / d r 3. Only for counting (`torch.utils.flop_counter`, MFU)."""
+
+
+@register_flop_formula(torch.ops.dtengine.fused_feature_regression_loss)
+def _fused_loss_flops(student_shapes, teacher_shapes, *args, out_shape=None, **kwargs) -> int:
+    return FLOPS_PER_ELEMENT * sum(math.prod(shape) for shape in student_shapes)
