@@ -225,6 +225,7 @@ def measure(args) -> dict:
         "student": cfg.student.model,
         "image_size": cfg.data.image_size,
         "batch": cfg.data.batch_size,
+        "overrides": " ".join(args.overrides),
         "img_per_s": statistics.median(windows),
         "windows": [round(w, 2) for w in windows],
         "warmup_s": round(warmup_s, 1),

@@ -55,7 +55,10 @@ def train_steps(distiller, cfg, steps: range) -> list[dict[str, float]]:
 def test_compile_is_off_on_cpu_unless_asked(tiny_compile_overrides):
     distiller = Distiller.from_config(load_config(None, tiny_compile_overrides))
     assert apply_compile(distiller, CompileConfig()) == []
-    assert apply_compile(distiller, CompileConfig(enabled=True, backend="eager", teacher=False)) == ["student"]
+    assert apply_compile(distiller, CompileConfig(enabled=True, backend="eager")) == ["teacher"]  # student: CUDA only
+    assert apply_compile(distiller, CompileConfig(enabled=True, backend="eager", teacher=False, student=True)) == [
+        "student"
+    ]
 
 
 def test_whole_step_traces_in_two_graphs_and_never_recompiles(tiny_compile_overrides, loss_through_the_custom_op):
@@ -63,7 +66,10 @@ def test_whole_step_traces_in_two_graphs_and_never_recompiles(tiny_compile_overr
     change (warmup) nor loading a checkpoint into the same modules (a resume) may cause one."""
     cfg = load_config(None, tiny_compile_overrides)
     distiller = Distiller.from_config(cfg).train()
-    assert apply_compile(distiller, CompileConfig(enabled=True, backend="aot_eager")) == ["teacher", "student"]
+    assert apply_compile(distiller, CompileConfig(enabled=True, backend="aot_eager", student=True)) == [
+        "teacher",
+        "student",
+    ]
     counters.clear()
     train_steps(distiller, cfg, range(2))
     assert counters["stats"]["unique_graphs"] == 2  # the teacher pass and the student pass, each whole
@@ -75,7 +81,8 @@ def test_whole_step_traces_in_two_graphs_and_never_recompiles(tiny_compile_overr
 
 
 def test_the_trainer_compiles_and_times_the_first_step_apart(tiny_compile_overrides, tmp_path):
-    overrides = [*tiny_compile_overrides, "compile.enabled=true", "compile.backend=aot_eager", "train.steps=2"]
+    overrides = [*tiny_compile_overrides, "compile.enabled=true", "compile.student=true", "compile.backend=aot_eager"]
+    overrides.append("train.steps=2")
     result = run_distillation(load_config(None, overrides))
     rows = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["compiled"] == "teacher,student" and rows[0]["first_step_s"] > 0
@@ -93,7 +100,7 @@ def test_inductor_compiled_and_eager_losses_match_over_three_steps(tiny_compile_
     seed_everything(0)
     eager = train_steps(Distiller.from_config(cfg).train(), cfg, range(3))
     compiled_distiller = Distiller.from_config(cfg).train()
-    apply_compile(compiled_distiller, CompileConfig(enabled=True))
+    apply_compile(compiled_distiller, CompileConfig(enabled=True, student=True))
     compiled = train_steps(compiled_distiller, cfg, range(3))
     assert compiled[0]["loss"] == pytest.approx(eager[0]["loss"], rel=1e-5)
     for step, (want, got) in enumerate(zip(eager, compiled)):
