@@ -30,6 +30,7 @@ Writes benchmarks/results/bench_step_<device>.{csv,md,png} and ends with one lin
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import statistics
 import subprocess
@@ -341,11 +342,16 @@ def main() -> None:
     columns = ["config", "mode", "student", "batch", "img_per_s", "vs_eager", "vs_naive", "mfu", "gflops_per_image"]
     columns += ["warmup_s", *(k for k in rows[0] if k.startswith("peak_")), *(f"{p}_ms" for p in PART_NAMES)]
     table = markdown_table(rows, columns)
+    with csv_path.open() as handle:  # the report keeps every run recorded in this CSV, newest last
+        history = list(csv.DictReader(handle))
+    history_columns = ["date", "commit", "overrides", *columns]
     csv_path.with_suffix(".md").write_text(
-        f"# bench_step: the step three ways\n\n{format_environment(env)}\n\nimg/s: median of {args.windows} windows "
-        f"of {args.window_steps} steps, synchronised only at their ends. The *_ms parts: a separate pass of "
-        f"{args.split_steps} steps synchronised around each part. MFU: the engine's useful FLOPs per image x img/s "
-        "/ the device's dense bf16 peak.\n\n" + table + "\n"
+        f"# bench_step on {env['device']}: the step three ways\n\nimg/s: median of timed windows of whole steps, "
+        "synchronised only at their ends (`windows` in the CSV). The *_ms parts: a separate pass synchronised "
+        "around each part. MFU: the engine's useful FLOPs per image x img/s / the device's dense bf16 peak. "
+        "vs_eager / vs_naive compare modes of one run, measured one after the other.\n\n"
+        + markdown_table([{c: r.get(c, "") for c in history_columns} for r in history], history_columns)
+        + "\n"
     )
     plot(rows, csv_path.with_suffix(".png"), f"bench_step on {env['device']} ({env['commit']}, {env['date'][:10]})")
     print(table)
