@@ -6,7 +6,8 @@
 Configurations:
     demo              the built-in teacher and data (configs/demo.yaml; key=value overrides apply): runs on a CPU
     paper-r50         a random-weight ADM-256-sized pixel U-Net teacher (256 base channels, mults 1,1,2,2,4,4,
-    paper-convnext-b  two res blocks a level, attention at 32/16/8 px), taps at strides 32, 16, 8, 4 at t=150,
+    paper-convnext-b  two res blocks a level, attention at 32/16/8 px, residual resampling; 518 M parameters
+                      against ADM's 554 M), taps at strides 32, 16, 8, 4 at t=150,
                       ResNet-50 / ConvNeXt-B student, 256 px images of the built-in data, batch 64: needs a GPU,
                       no weights
 Modes:
@@ -92,7 +93,7 @@ def build_teacher(name: str, cfg, device: torch.device):
     if name == "demo":
         return build_diffusion_teacher(cfg.teacher, device)
     adm = UNetArchConfig(block_out_channels=[256, 256, 512, 512, 1024, 1024], layers_per_block=2,
-                         attention_levels=3, attention_head_dim=64)  # fmt: skip
+                         attention_levels=3, attention_head_dim=64, resnet_resample=True)  # fmt: skip
     with torch.device(device):
         unet = build_unet(cfg.data.image_size, adm)
     return DiffusionTeacher(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), cfg.teacher)

@@ -60,3 +60,21 @@ def test_bench_feature_loss_writes_rows_report_plot_and_summary_lines(tmp_path):
     ]  # fmt: skip
     if rows[0]["device"].startswith("cpu"):
         assert "Triton kernel needs CUDA" in proc.stdout
+
+
+def test_paper_configurations_build_an_adm_sized_teacher_with_the_paper_taps():
+    """Checked on the meta device: no memory, no compute, the architecture only."""
+    import importlib.util
+
+    import torch
+
+    spec = importlib.util.spec_from_file_location("bench_step", BENCH)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = bench.run_config("paper-r50", [])
+    teacher = bench.build_teacher("paper-r50", cfg, torch.device("meta"))
+    assert [(lvl.stride, lvl.channels) for lvl in teacher.levels] == [(32, 1024), (16, 1024), (8, 512), (4, 512)]
+    assert 510e6 < sum(p.numel() for p in teacher.unet.parameters()) < 560e6  # ADM-256 uncond: 554 M
+    assert cfg.teacher.timestep == 150 and cfg.data.image_size == 256 and cfg.data.batch_size == 64
+    assert bench.run_config("paper-convnext-b", []).student.model == "convnext_base"
+    assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and bench.peak_flops("cpu (x86_64)") is None

@@ -25,6 +25,8 @@ class UNetArchConfig:
     """Self-attention in this many of the coarsest levels (ADM: at 32, 16 and 8 px of 256)."""
     attention_head_dim: int = 32
     norm_num_groups: int = 32
+    resnet_resample: bool = False
+    """Down- and upsample with residual blocks, as ADM does (resblock_updown), instead of strided / nearest convs."""
 
     def __post_init__(self) -> None:
         if not 0 <= self.attention_levels <= len(self.block_out_channels):
@@ -48,6 +50,8 @@ def build_unet(image_size: int, arch: UNetArchConfig):
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
         attention_head_dim=arch.attention_head_dim,
         norm_num_groups=arch.norm_num_groups,
+        downsample_type="resnet" if arch.resnet_resample else "conv",
+        upsample_type="resnet" if arch.resnet_resample else "conv",
     )
 
 
