@@ -36,6 +36,7 @@ setup(
         "pyyaml",
         "numpy",
         "pillow",
+        "simplejpeg",  # libjpeg-turbo without a PIL image in between: the wds loader's JPEG decoder
         "tqdm",
         "matplotlib",
         "tensorboard",

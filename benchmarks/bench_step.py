@@ -16,6 +16,8 @@ Modes:
     eager     the engine's `Distiller` step (shard stream, early-exit teacher, fused ops where they run, fused
               AdamW) with compile off
     compiled  the same with `apply_compile` (teacher pass with CUDA graphs on CUDA, student pass fullgraph)
+    synthetic `compiled` fed by the synthetic loader (random batches made on the device): no input at all. Its
+              img/s against `compiled` gives the input stall, 1 - compiled / synthetic
 
 Each (config, mode) runs in its own process, so peak memory and compiled code are its own. It warms up (and
 compiles; `warmup_s`), then times 3 windows of whole steps, synchronising only at their ends: img/s is their
@@ -56,7 +58,7 @@ from common import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIGS = ("demo", "paper-r50", "paper-convnext-b")
-MODES = ("naive", "eager", "compiled")
+MODES = ("naive", "eager", "compiled", "synthetic")
 PAPER_STUDENTS = {"paper-r50": "resnet50", "paper-convnext-b": "convnext_base"}
 PAPER_OVERRIDES = [
     "teacher.timestep=150", "teacher.blocks=[0,1,2,3]", "data.shards=builtin", "data.image_size=256",
@@ -100,10 +102,11 @@ def build_teacher(name: str, cfg, device: torch.device):
 
 
 def engine_step(name: str, cfg, device: torch.device, compiled: bool):
+    from dtengine.data.loaders import open_batches
+
     """(whole step, instrumented step, FLOPs per image) of the engine, built as `dtengine distill` builds it."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dtengine.data.shard_stream import BatchCursor, ShardStream
     from dtengine.distill import Distiller
     from dtengine.parallel.compile import CompileConfig, apply_compile
     from dtengine.runtime.device import SampleKeys, seed_everything
@@ -116,7 +119,7 @@ def engine_step(name: str, cfg, device: torch.device, compiled: bool):
     ).place(device).train()  # fmt: skip
     optimizer = build_optimizer(distiller, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10_000)
-    cursor = BatchCursor(ShardStream(cfg.data, seed=cfg.train.seed))
+    cursor, _ = open_batches(cfg.data, cfg.train.seed, device=device)
     batch = cfg.data.batch_size
     with FlopCounterMode(display=False) as counter:  # eager, before compiling: the useful work of one step
         distiller(cursor.next()["image"], step=0)["loss"].backward()
@@ -202,7 +205,9 @@ def measure(args) -> dict:
         if args.mode == "naive":
             whole, instrumented = naive_step(args.config, cfg, device, Path(scratch))
         else:
-            whole, instrumented, flops = engine_step(args.config, cfg, device, args.mode == "compiled")
+            if args.mode == "synthetic":
+                cfg.data.loader = "synthetic"
+            whole, instrumented, flops = engine_step(args.config, cfg, device, args.mode != "eager")
         start = time.perf_counter()
         for _ in range(args.warmup):
             whole()
@@ -276,6 +281,17 @@ def summarise(results: list[dict], env: dict) -> list[dict]:
     return rows
 
 
+def input_stalls(rows: list[dict]) -> dict[str, dict]:
+    """Per config: 1 - compiled / synthetic img/s (the share of step time lost to input) and compiled's data wait."""
+    stalls = {}
+    for config in dict.fromkeys(r["config"] for r in rows):
+        mine = {r["mode"]: r for r in rows if r["config"] == config}
+        if "compiled" in mine and "synthetic" in mine:
+            stall = 1 - mine["compiled"]["img_per_s"] / mine["synthetic"]["img_per_s"]
+            stalls[config] = {"stall": round(stall, 3), "data_wait_ms": mine["compiled"]["data_wait_ms"]}
+    return stalls
+
+
 def plot(rows: list[dict], path: Path, title: str) -> None:
     import matplotlib
 
@@ -286,7 +302,10 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, len(configs), figsize=(4.2 * len(configs), 3.6), squeeze=False)
     for ax, config in zip(axes[0], configs):
         mine = [r for r in rows if r["config"] == config]
-        bars = ax.bar([r["mode"] for r in mine], [r["img_per_s"] for r in mine], color=["#999", "#4a7", "#27c"])
+        colors = {"naive": "#999", "eager": "#4a7", "compiled": "#27c", "synthetic": "#c84"}
+        bars = ax.bar(
+            [r["mode"] for r in mine], [r["img_per_s"] for r in mine], color=[colors[r["mode"]] for r in mine]
+        )
         ax.bar_label(bars, labels=[f"{r['img_per_s']:.1f}" for r in mine], fontsize=8)
         ax.set_title(f"{config} ({mine[0]['student']}, {mine[0]['image_size']} px, batch {mine[0]['batch']})",
                      fontsize=9)  # fmt: skip
@@ -353,12 +372,19 @@ def main() -> None:
         "vs_eager / vs_naive compare modes of one run, measured one after the other.\n\n"
         + markdown_table([{c: r.get(c, "") for c in history_columns} for r in history], history_columns)
         + "\n"
+        + "".join(
+            f"\nInput stall of the last run, {config}: {s['stall']:.1%} (1 - compiled / synthetic img/s); compiled's "
+            f"data wait {s['data_wait_ms']} ms per step.\n"
+            for config, s in input_stalls(rows).items()
+        )
     )
     plot(rows, csv_path.with_suffix(".png"), f"bench_step on {env['device']} ({env['commit']}, {env['date'][:10]})")
     print(table)
     for row in rows:
         print(f"config={row['config']} mode={row['mode']} img_per_s={row['img_per_s']} vs_eager={row['vs_eager']} "
               f"vs_naive={row['vs_naive']} mfu={row['mfu']}")  # fmt: skip
+    for config, stall in input_stalls(rows).items():
+        print(f"config={config} input_stall={stall['stall']} data_wait_ms={stall['data_wait_ms']}")
     print(f"appended to {csv_path}; report: {csv_path.with_suffix('.md')}")
 
 

@@ -67,6 +67,24 @@ def _make_shards(args: argparse.Namespace) -> None:
             print(f"  {path}: {reason}")
 
 
+def _check_shards(args: argparse.Namespace) -> int:
+    from dtengine.data.check import check_shards
+
+    checks = check_shards(args.shards, fix=args.fix)
+    for check in checks:
+        if check.unreadable:
+            print(f"{check.shard}: unreadable ({check.unreadable})")
+        for key, why in check.broken:
+            print(f"{check.shard}: sample '{key}': {why}" + (" (removed)" if check.fixed else ""))
+    broken = sum(len(c.broken) for c in checks)
+    unreadable = sum(bool(c.unreadable) for c in checks)
+    fixed = sum(c.fixed for c in checks)
+    samples = sum(c.samples for c in checks)
+    summary = f"{len(checks)} shards, {samples} samples: {broken} broken, {unreadable} unreadable shards"
+    print(summary + (f"; rewrote {fixed} shards without their broken samples" if args.fix else ""))
+    return 0 if unreadable == 0 and (broken == 0 or args.fix) else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dtengine", description="DreamTeacher distillation engine")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks")
@@ -104,6 +122,11 @@ def build_parser() -> argparse.ArgumentParser:
     shards.add_argument("--out", required=True, help="output folder for shard-*.tar, *.idx and manifest.json")
     shards.add_argument("--samples-per-shard", type=int, default=1000)
     shards.set_defaults(func=_make_shards)
+
+    check = commands.add_parser("check-shards", help="find samples that do not decode; --fix rewrites shards without")
+    check.add_argument("shards", help="shard pattern, e.g. 'data/train-{000000..000127}.tar'")
+    check.add_argument("--fix", action="store_true", help="rewrite every shard holding broken samples without them")
+    check.set_defaults(func=_check_shards)
     return parser
 
 
@@ -114,7 +137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         warnings.filterwarnings("ignore", category=UserWarning)
         warnings.filterwarnings("ignore", category=FutureWarning)
     try:
-        args.func(args)
+        code = args.func(args)
     except DTEngineError as err:
         if args.debug:
             raise
@@ -123,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         print(f"dtengine {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    return 0
+    return code or 0
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from pathlib import Path
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
 
 
-def test_bench_step_measures_three_modes_side_by_side(tiny_run_overrides, tmp_path):
+def test_bench_step_measures_the_modes_side_by_side(tiny_run_overrides, tmp_path):
     out = tmp_path / "bench.csv"
     quick = ["--warmup", "1", "--windows", "2", "--window-steps", "1", "--split-steps", "1", "--csv", str(out)]
     proc = subprocess.run(
@@ -22,7 +22,8 @@ def test_bench_step_measures_three_modes_side_by_side(tiny_run_overrides, tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "device=" in proc.stdout and "commit=" in proc.stdout
     rows = list(csv.DictReader(out.open()))
-    assert [(r["config"], r["mode"]) for r in rows] == [("demo", "naive"), ("demo", "eager"), ("demo", "compiled")]
+    modes = ["naive", "eager", "compiled", "synthetic"]
+    assert [(r["config"], r["mode"]) for r in rows] == [("demo", mode) for mode in modes]
     for column in ("device", "torch", "commit", "date", "img_per_s", "windows", "peak_rss_gb", "warmup_s"):
         assert all(r[column] for r in rows), column
     for column in ("data_wait_ms", "inputs_ms", "teacher_ms", "student_fwd_bwd_ms", "optimizer_ms"):
@@ -31,12 +32,12 @@ def test_bench_step_measures_three_modes_side_by_side(tiny_run_overrides, tmp_pa
     assert float(rows[1]["gflops_per_image"]) > 0  # counted with the custom ops' formulas
     assert out.with_suffix(".md").exists() and out.with_suffix(".png").stat().st_size > 0
     summary = [line for line in proc.stdout.splitlines() if line.startswith("config=") and "img_per_s=" in line]
-    assert [line.split()[0:2] for line in summary] == [
-        ["config=demo", f"mode={m}"] for m in ("naive", "eager", "compiled")
-    ]
+    assert [line.split()[0:2] for line in summary] == [["config=demo", f"mode={m}"] for m in modes]
     assert [field.split("=")[0] for field in summary[0].split()] == [
         "config", "mode", "img_per_s", "vs_eager", "vs_naive", "mfu"
     ]  # fmt: skip
+    (stall,) = [line for line in proc.stdout.splitlines() if "input_stall=" in line]
+    assert stall.startswith("config=demo input_stall=") and "data_wait_ms=" in stall
 
 
 BENCH_FEATURE_LOSS = BENCH.parent / "bench_feature_loss.py"
@@ -78,3 +79,25 @@ def test_paper_configurations_build_an_adm_sized_teacher_with_the_paper_taps():
     assert cfg.teacher.timestep == 150 and cfg.data.image_size == 256 and cfg.data.batch_size == 64
     assert bench.run_config("paper-convnext-b", []).student.model == "convnext_base"
     assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and bench.peak_flops("cpu (x86_64)") is None
+
+
+BENCH_INPUT = BENCH.parent / "bench_input.py"
+
+
+def test_bench_input_compares_every_loader_with_imagefolder(tmp_path):
+    out = tmp_path / "input.csv"
+    quick = ["--count", "24", "--batch", "4", "--size", "64", "--workers", "1", "--batches", "2", "--warmup", "1"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_INPUT), *quick, "--rounds", "1", "--csv", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    loaders = [r["loader"] for r in rows]
+    assert loaders[:2] == ["imagefolder", "wds"] and loaders[-1] == "synthetic"
+    assert rows[0]["vs_baseline"] == "1.0" and all(float(r["img_per_s"]) > 0 for r in rows)
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("loader=")]
+    assert [line.split()[0] for line in summary if "vs_baseline=" in line] == [f"loader={name}" for name in loaders]
+    assert out.with_suffix(".png").stat().st_size > 0

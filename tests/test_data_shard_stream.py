@@ -3,7 +3,6 @@
 import functools
 import io
 import tarfile
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -146,7 +145,7 @@ def test_corrupt_sample_fails_with_one_line_data_error(corrupt_shard, num_worker
     assert str(corrupt_shard) in message and message.endswith("remove it or set data.on_corrupt=skip")
 
 
-@pytest.mark.parametrize(("length", "message"), [(3000, "is truncated"), (2048, "cannot read shard")])
+@pytest.mark.parametrize(("length", "message"), [(3000, "is truncated"), (2048, "cannot (index|read) shard")])
 def test_broken_tar_is_data_error_naming_the_shard(tmp_path, corrupt_shard, length, message):
     broken = tmp_path / "broken-000000.tar"
     broken.write_bytes(corrupt_shard.read_bytes()[:length])  # 2048: whole blocks, but cut inside a member
@@ -175,25 +174,39 @@ def test_resolve_shards(dataset, monkeypatch):
     assert resolve_shards(str(dataset.root / "train-{000003..000009}.tar")) == train[3:]
 
 
-def test_fewer_shards_than_workers_warns_and_works(dataset):
-    with pytest.warns(UserWarning, match="using 1 worker"):
-        stream = ShardStream(_cfg(dataset.val_pattern, num_workers=2), seed=0)
-    assert len(list(stream.epoch(0))) == 2
+def test_fewer_shards_than_ranks_x_workers_is_a_clear_error_without_resampling(dataset):
+    with pytest.raises(ConfigError, match=r"1 shard\(s\) for 1 rank\(s\) x 2 worker\(s\).*data.resample=true"):
+        ShardStream(_cfg(dataset.val_pattern, num_workers=2), seed=0)
+    with pytest.raises(ConfigError, match="5 shard"):
+        ShardStream(_cfg(dataset.train_pattern, num_workers=3), seed=0, rank=1, world_size=2)
 
 
-def test_ranks_get_disjoint_shards(dataset):
-    per_rank = [list(ShardStream(_cfg(dataset.train_pattern), 0, rank, 2).epoch(0)) for rank in range(2)]
-    images = [torch.cat([b["image"] for b in batches]).flatten(1) for batches in per_rank]
-    assert len(images[0]) + len(images[1]) == 40
-    assert len(torch.unique(torch.cat(images), dim=0)) == 40
+def per_rank_batches(pattern: str, world: int, **overrides) -> list[list[dict]]:
+    return [list(ShardStream(_cfg(pattern, **overrides), 0, rank, world).epoch(0)) for rank in range(world)]
 
 
-def test_ranks_split_samples_when_too_few_shards(dataset):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        per_rank = [list(ShardStream(_cfg(dataset.val_pattern), 0, rank, 2).epoch(0)) for rank in range(2)]
-    assert [len(b) for b in per_rank] == [1, 1]  # 8 samples -> 4 per rank -> one batch each
-    assert not torch.equal(per_rank[0][0]["image"], per_rank[1][0]["image"])
+def test_ranks_get_disjoint_data_and_the_same_number_of_batches(dataset):
+    # 5 shards of 8 over 2 ranks x 2 workers: rank 0's workers can fill 4 + 2 batches of 4, rank 1's 2 + 2.
+    stream = ShardStream(_cfg(dataset.train_pattern), 0, 0, 2)
+    assert stream.batches_per_epoch(0) == 4
+    per_rank = per_rank_batches(dataset.train_pattern, 2)
+    assert [len(b) for b in per_rank] == [4, 4]
+    images = torch.cat([b["image"] for batches in per_rank for b in batches]).flatten(1)
+    assert len(torch.unique(images, dim=0)) == 32  # no sample on two ranks
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_resampling_serves_more_ranks_x_workers_than_shards(dataset, world):
+    per_rank = per_rank_batches(dataset.val_pattern, world, resample=True)  # 1 shard of 8, world x 2 workers
+    assert [len(b) for b in per_rank] == [8 // (world * 4)] * world
+    again = per_rank_batches(dataset.val_pattern, world, resample=True)
+    assert all(_same(a, b) for a, b in zip(per_rank, again))  # seeded: the same draws every time
+
+
+def test_a_rank_that_runs_dry_reads_its_shards_again(corrupt_shard, tmp_path):
+    """10 samples, one corrupt: the index promises 2 batches of 5; the second pass over the shard fills it."""
+    batches = list(ShardStream(_cfg(str(corrupt_shard), batch_size=5, num_workers=0), seed=0).epoch(0))
+    assert len(batches) == 2 and sum(b["skipped_corrupt"] for b in batches) >= 1
 
 
 @pytest.mark.parametrize(

@@ -184,3 +184,20 @@ def test_make_shards_from_folder_errors(tmp_path, image_folder):
     with pytest.raises(DataError, match="could be decoded"):
         make_shards_from_folder(bad_only, tmp_path / "out2")
     assert json.loads((tmp_path / "out2" / "manifest.json").read_text())["skipped"][0]["path"] == "x.jpg"
+
+
+def test_make_shards_in_parallel_writes_the_same_bytes(tmp_path, monkeypatch):
+    from dtengine.data import shards as shards_module
+
+    rng = np.random.default_rng(0)
+    for i in range(24):
+        pixels = rng.integers(0, 255, (int(rng.integers(20, 40)), 30, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(tmp_path / f"img{i:02d}.{'png' if i % 3 else 'jpg'}")
+    (tmp_path / "img99.jpg").write_bytes(b"\xff\xd8\xff broken")
+    outputs = {}
+    for name, per_worker in (("serial", 10**9), ("parallel", 4)):
+        monkeypatch.setattr(shards_module, "PARALLEL_MIN_IMAGES", per_worker)
+        report = make_shards_from_folder(tmp_path, tmp_path.parent / f"out-{name}", samples_per_shard=10)
+        assert report.written == 24 and [p.name for p, _ in report.skipped] == ["img99.jpg"]
+        outputs[name] = [p.read_bytes() for p in report.shards]
+    assert outputs["serial"] == outputs["parallel"] and len(outputs["serial"]) == 3

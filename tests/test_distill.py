@@ -42,7 +42,11 @@ def test_three_step_run_writes_everything(tiny_run_overrides):
             torch.testing.assert_close(loaded.state_dict()[key.removeprefix("backbone.")], value, rtol=0, atol=0)
 
 
-def test_resume_continues_exactly(tiny_run_overrides, tmp_path):
+@pytest.mark.parametrize("loader", ["wds", "dali", "synthetic"])
+def test_resume_continues_exactly(tiny_run_overrides, tmp_path, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    tiny_run_overrides = [*tiny_run_overrides, f"data.loader={loader}"]
     straight = run_distillation(config(tiny_run_overrides, "train.steps=4", "checkpoint.keep=5"))
     # A run interrupted after step 2 leaves exactly the checkpoint the uninterrupted run wrote at step 2.
     resumed_dir = tmp_path / "resumed"

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from dtengine.data.decode import CorruptSample, decode_sample
+from dtengine.data.decode import CorruptSample, Crop, decode_sample
 from dtengine.data.pipeline import read_shards
 from dtengine.data.shard_stream import resolve_shards
 from dtengine.runtime.errors import DataError
@@ -77,7 +77,7 @@ def load_labelled_split(
     bar = tqdm(desc=f"loading {pattern}", unit="img", disable=not progress, leave=False)
     for sample in read_shards(iter([{"url": url} for url in shards])):
         try:
-            decoded = decode_sample(sample, image_size)
+            decoded = decode_sample(sample, Crop(image_size))
         except CorruptSample:
             corrupt += 1
             continue
@@ -105,7 +105,7 @@ def load_labelled_split(
     if not images:
         raise DataError(f"no decodable sample in '{pattern}'; check the shards")
     split = LabelledSplit(
-        images=torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous(),  # (N, 3, S, S), not channels-last
+        images=torch.stack(images).contiguous(),  # (N, 3, S, S), not channels-last
         seg=torch.from_numpy(np.stack(segs)),
         cls=torch.tensor(classes, dtype=torch.int64) if "cls" in labels else None,
         skipped_corrupt=corrupt,

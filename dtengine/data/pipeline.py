@@ -1,7 +1,7 @@
 """Stages of the per-worker WebDataset pipeline that `ShardStream` runs in each DataLoader worker.
 
-    shard urls -> this worker's share -> tar members -> samples -> [this rank's share] -> seeded shuffle
-    -> skip already-consumed batches -> decode -> batch
+    shard urls -> this worker's share (or resampled) -> tar members -> samples -> seeded shuffle
+    -> skip already-consumed batches -> decode (+ crop) -> batch
 
 Every stage is a picklable module-level object, reads its worker index from `torch.utils.data.get_worker_info`
 at iteration time, and draws randomness only from seeds it was given, so the output depends only on
@@ -15,12 +15,11 @@ import os
 import random
 import tarfile
 from collections.abc import Iterator
-from itertools import islice
 
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from dtengine.data.decode import CorruptSample, collate, decode_sample, load_sample
+from dtengine.data.decode import CorruptSample, Crop, collate, decode_sample, load_sample
 from dtengine.runtime.errors import DataError
 
 SKIPPED_BATCHES_KEY = "__skipped_batches__"
@@ -33,15 +32,21 @@ def worker_position() -> tuple[int, int]:
 
 
 class WorkerShards:
-    """Source stage: the shards of this worker, `shards[worker::num_workers]`, as `{"url": path}` dicts."""
+    """Source stage: the shards of this worker, `shards[worker::num_workers]`, as `{"url": path}` dicts; or, with a
+    `resample_seed`, shards drawn with replacement from all of them, forever, by a generator seeded per worker."""
 
-    def __init__(self, shards: list[str]):
-        self.shards = shards
+    def __init__(self, shards: list[str], resample_seed: str | None = None):
+        self.shards, self.resample_seed = shards, resample_seed
 
     def __call__(self) -> Iterator[dict]:
         worker, num_workers = worker_position()
-        for url in self.shards[worker::num_workers]:
-            yield {"url": url}
+        if self.resample_seed is None:
+            for url in self.shards[worker::num_workers]:
+                yield {"url": url}
+            return
+        rng = random.Random(f"{self.resample_seed}-worker{worker}")
+        while True:
+            yield {"url": rng.choice(self.shards)}
 
 
 def read_shards(sources: Iterator[dict]) -> Iterator[dict]:
@@ -60,16 +65,6 @@ def read_shards(sources: Iterator[dict]) -> Iterator[dict]:
 
 def _first_arg(err: Exception) -> str:
     return str(err.args[0]).split(" @ ")[0] if err.args else type(err).__name__
-
-
-class TakeEvery:
-    """Keep samples `offset, offset + stride, ...`: splits samples among ranks when there are too few shards."""
-
-    def __init__(self, offset: int, stride: int):
-        self.offset, self.stride = offset, stride
-
-    def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
-        return islice(samples, self.offset, None, self.stride)
 
 
 class SeededShuffle:
@@ -94,13 +89,15 @@ class DecodeAndBatch:
 
     Args:
         batch_size: Samples per batch.
-        image_size: Output image side length.
+        crop: Output size and crop kind.
         on_corrupt: "skip" or "fail".
         skip_batches: Whole batches of this worker to skip.
+        seed: Keys each sample's random crop with its key (so skipping never shifts later crops, and moving the
+            shards changes nothing).
     """
 
-    def __init__(self, batch_size: int, image_size: int, on_corrupt: str, skip_batches: int):
-        self.batch_size, self.image_size = batch_size, image_size
+    def __init__(self, batch_size: int, crop: Crop, on_corrupt: str, skip_batches: int, seed: str = ""):
+        self.batch_size, self.crop, self.seed = batch_size, crop, seed
         self.on_corrupt, self.skip_batches = on_corrupt, skip_batches
 
     def _skip(self, samples: Iterator[dict]) -> int:
@@ -112,7 +109,7 @@ class DecodeAndBatch:
                 break
             if self.on_corrupt == "skip":
                 try:
-                    load_sample(sample, self.image_size)
+                    load_sample(sample, self.crop.size)
                 except CorruptSample:
                     continue  # counted by the unskipped epoch already; not again
             good += 1
@@ -124,7 +121,8 @@ class DecodeAndBatch:
         decoded, corrupt = [], 0
         for sample in samples:
             try:
-                decoded.append(decode_sample(sample, self.image_size))
+                rng = random.Random(f"{self.seed}-{sample['__key__']}")
+                decoded.append(decode_sample(sample, self.crop, rng))
             except CorruptSample as bad:
                 if self.on_corrupt == "fail":
                     raise DataError(

@@ -1,4 +1,4 @@
-"""Deterministic, resumable batches from WebDataset shards.
+"""Deterministic, resumable batches from WebDataset shards (the `wds` loader), the same number on every rank.
 
     stream = ShardStream(DataConfig(shards="data/train-{000000..000099}.tar"), seed=0, rank=0, world_size=1)
     for batch in stream.epoch(3, skip_batches=120):   # continue epoch 3 after 120 consumed batches
@@ -6,18 +6,21 @@
 
 The order of batches depends only on (seed, epoch, rank, world_size, number of workers): shards are shuffled per
 epoch with a string-seeded `random.Random`, split across ranks and then DataLoader workers, and samples are
-shuffled in a buffer with per-worker seeded RNGs. Torch's global RNG is neither used nor advanced.
+shuffled in a buffer with per-worker seeded RNGs; a random crop is keyed by (seed, epoch, sample key). Torch's
+global RNG is neither used nor advanced.
 
-Limitations: ranks may get different numbers of batches when shards hold different numbers of samples; corrupt
-samples found after a worker's last full batch are only reported by a warning at the end of the epoch.
+Equal steps: every rank yields the same number of batches per epoch, computed from the shards' sample counts (read
+from their DALI index files) before reading: the smallest number any rank's workers can fill. A rank whose shards
+hold more stops there; one that runs dry early (corrupt samples skipped) reads its shards again, reshuffled, until
+it gets there. With `data.resample=true` every worker draws shards with replacement instead (any number of ranks x
+workers, even more than shards) and an epoch is the dataset's size over the global batch.
 """
 
 import glob
 import os
 import random
-import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import webdataset as wds
@@ -25,17 +28,14 @@ from braceexpand import braceexpand
 from torch.utils.data import DataLoader
 
 from dtengine.data.builtin import builtin_dataset
-from dtengine.data.pipeline import (
-    SKIPPED_BATCHES_KEY,
-    DecodeAndBatch,
-    SeededShuffle,
-    TakeEvery,
-    WorkerShards,
-    read_shards,
-)
+from dtengine.data.decode import CROPS, Crop
+from dtengine.data.pipeline import SKIPPED_BATCHES_KEY, DecodeAndBatch, SeededShuffle, WorkerShards, read_shards
+from dtengine.data.shards import ensure_index
 from dtengine.runtime.errors import ConfigError, DataError
 
 _BUILTIN = {"builtin": "train", "builtin:train": "train", "builtin:val": "val"}
+LOADERS = ("auto", "dali", "wds", "synthetic")
+MAX_PASSES = 8  # re-reads of a rank's shards to fill an epoch before concluding they hold too few good samples
 
 
 @dataclass
@@ -45,17 +45,35 @@ class DataConfig:
     shards: str = "builtin"
     """Brace/glob pattern of .tar shards (e.g. `data/train-{000000..000099}.tar`), or "builtin" / "builtin:val"
     for the built-in shapes dataset (generated and cached on first use)."""
+    loader: str = "auto"
+    """"wds" (WebDataset shards decoded by PIL in DataLoader workers), "dali" (NVIDIA DALI over the same shards;
+    decoding on the GPU on CUDA), "synthetic" (random device-resident batches: the compute-only ceiling) or
+    "auto" (DALI on CUDA when it is installed and works, wds otherwise; the run's log says which and why)."""
     image_size: int = 64
-    """Images are resized (shorter side) and centre-cropped to this square size; label maps likewise."""
+    """Images are cropped to this square size (see `crop`); label maps likewise."""
+    crop: str = "center"
+    """"center": resize the shorter side to image_size and crop the centre (the paper's recipe); "random_resized":
+    a random box of `crop_scale` x the area and aspect ratio in `crop_ratio`, resized to image_size."""
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
+    """Area range of the random_resized box, as fractions of the image's area."""
+    crop_ratio: list[float] = field(default_factory=lambda: [3 / 4, 4 / 3])
+    """Aspect-ratio range (width / height) of the random_resized box."""
     batch_size: int = 16
-    """Samples per batch (per rank). The partial last batch of each worker is dropped."""
+    """Samples per batch (per rank). Every rank gets the same number of full batches per epoch."""
     num_workers: int = 2
-    """DataLoader worker processes (0 = decode in the main process). Capped at the number of shards per rank."""
+    """Decoding processes per rank (DataLoader workers for wds, threads for DALI; 0 = in the main process). Without
+    resampling every worker needs a shard of its own: shards >= ranks x workers."""
+    prefetch: int = 4
+    """Batches each wds worker (or the DALI pipeline) prepares ahead."""
+    resample: bool = False
+    """Draw shards with replacement (each worker its own seeded sequence) instead of reading each once per epoch:
+    works with more ranks x workers than shards; an epoch is then the dataset's size over the global batch."""
     shuffle_buffer: int = 512
     """Samples held in each worker's shuffle buffer (0 = no sample shuffling; shards are still shuffled)."""
     on_corrupt: str = "skip"
-    """What to do with undecodable samples: 'skip' drops them and counts them in the batch's "skipped_corrupt";
-    'fail' stops with a DataError naming the sample and its shard."""
+    """What to do with undecodable samples: 'skip' drops them and counts them in the batch's "skipped_corrupt"
+    (wds); 'fail' stops with a DataError naming the sample and its shard. DALI always stops (see
+    `dtengine check-shards --fix`)."""
     builtin_root: str = ""
     """Cache folder of the built-in dataset ("" = `$DTENGINE_CACHE`, default `~/.cache/dtengine`)."""
     val_shards: str = ""
@@ -63,7 +81,9 @@ class DataConfig:
     their own)."""
 
     def __post_init__(self):
-        for name, minimum in (("image_size", 8), ("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0)):
+        for name, minimum in (
+            ("image_size", 8), ("batch_size", 1), ("num_workers", 0), ("shuffle_buffer", 0), ("prefetch", 1)
+        ):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
                 raise ConfigError(f"data.{name} must be an integer >= {minimum}, got {value!r}")
@@ -71,6 +91,20 @@ class DataConfig:
             raise ConfigError(f"data.on_corrupt must be 'skip' or 'fail', got {self.on_corrupt!r}")
         if not isinstance(self.shards, str) or not self.shards.strip():
             raise ConfigError(f"data.shards must be a shard pattern or 'builtin', got {self.shards!r}")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"data.loader must be one of {LOADERS}, got {self.loader!r}")
+        if self.crop not in CROPS:
+            raise ConfigError(f"data.crop must be one of {CROPS}, got {self.crop!r}")
+        scale, ratio = list(self.crop_scale), list(self.crop_ratio)
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1 or len(ratio) != 2 or not 0 < ratio[0] <= ratio[1]:
+            raise ConfigError(
+                f"data.crop_scale must be [a, b] with 0 < a <= b <= 1 and data.crop_ratio [r, s] with 0 < r <= s, "
+                f"got {scale} and {ratio}"
+            )
+
+    @property
+    def crop_spec(self) -> Crop:
+        return Crop(self.image_size, self.crop, tuple(self.crop_scale), tuple(self.crop_ratio))
 
 
 def resolve_shards(pattern: str, builtin_root: str = "", image_size: int = 64) -> list[str]:
@@ -112,14 +146,16 @@ def _unwrap_worker_error(err: DataError) -> DataError:
 
 
 class ShardStream:
-    """Batches from shards, one epoch at a time; see the module docstring for ordering and determinism.
+    """Batches from shards, one epoch at a time; see the module docstring for ordering, determinism and equal steps.
 
     Args:
         cfg: The data config; shards are resolved (and the built-in dataset generated) here.
         seed: Base seed of shard and sample shuffling.
         rank: This process's rank in distributed training.
-        world_size: Number of ranks. With at least as many shards as ranks, each rank reads its own shards;
-            with fewer, every rank reads all shards and keeps every world_size-th sample.
+        world_size: Number of ranks.
+
+    Raises:
+        ConfigError: fewer shards than ranks x workers without `resample`.
     """
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1):
@@ -127,31 +163,45 @@ class ShardStream:
             raise ValueError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
         self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
         self.shards = resolve_shards(cfg.shards, cfg.builtin_root, cfg.image_size)
-        self.split_samples = len(self.shards) < world_size  # too few shards to give every rank its own
-        shards_here = len(self.shards) if self.split_samples else len(self.shards[rank::world_size])
-        self.num_workers = min(cfg.num_workers, shards_here)
-        if self.num_workers < cfg.num_workers:
-            warnings.warn(
-                f"data.shards has {len(self.shards)} shard(s) for {cfg.num_workers} workers x {world_size} rank(s); "
-                f"using {self.num_workers} worker(s) per rank (write more, smaller shards to use them all)",
-                stacklevel=2,
+        self.num_workers = cfg.num_workers
+        readers = world_size * max(1, cfg.num_workers)
+        if not cfg.resample and len(self.shards) < readers:
+            raise ConfigError(
+                f"data.shards has {len(self.shards)} shard(s) for {world_size} rank(s) x {max(1, cfg.num_workers)} "
+                "worker(s), and every worker needs its own shard: write more, smaller shards (`dtengine make-shards "
+                "--samples-per-shard`), lower data.num_workers, or set data.resample=true"
             )
+        self.counts = {shard: ensure_index(shard) for shard in self.shards}
 
-    def _epoch_shards(self, epoch: int) -> list[str]:
-        """This rank's shards for `epoch`, in reading order."""
+    def _epoch_shards(self, epoch: int, rank: int, reading: int = 0) -> list[str]:
+        """The shards `rank` reads in `epoch` (its `reading`-th pass over them), in reading order."""
         shards = list(self.shards)
         # A string seed is hashed deterministically by `random` (unlike hash(str), which is salted per process).
-        random.Random(f"{self.seed}-{epoch}").shuffle(shards)
-        return shards if self.split_samples else shards[self.rank :: self.world_size]
+        random.Random(f"{self.seed}-{epoch}" + (f"-pass{reading}" if reading else "")).shuffle(shards)
+        return shards[rank :: self.world_size]
 
-    def _loader(self, epoch: int, worker_skip: int) -> DataLoader:
-        cfg = self.cfg
+    def batches_per_epoch(self, epoch: int) -> int:
+        """The batches every rank yields in `epoch`: the fewest any rank's workers can fill from their shards."""
+        batch, workers = self.cfg.batch_size, max(1, self.num_workers)
+        if self.cfg.resample:
+            return sum(self.counts.values()) // (self.world_size * batch)
+        per_rank = []
+        for rank in range(self.world_size):
+            shards = self._epoch_shards(epoch, rank)
+            per_rank.append(sum(sum(self.counts[s] for s in shards[w::workers]) // batch for w in range(workers)))
+        return min(per_rank)
+
+    def _loader(self, epoch: int, reading: int, worker_skip: int) -> DataLoader:
+        cfg, name = self.cfg, f"{self.seed}-{epoch}-rank{self.rank}" + (f"-pass{reading}" if reading else "")
+        source = WorkerShards(
+            self.shards if cfg.resample else self._epoch_shards(epoch, self.rank, reading),
+            resample_seed=name if cfg.resample else None,
+        )
         pipeline = wds.DataPipeline(
-            WorkerShards(self._epoch_shards(epoch)),
+            source,
             read_shards,
-            TakeEvery(self.rank, self.world_size) if self.split_samples else None,
-            SeededShuffle(cfg.shuffle_buffer, f"{self.seed}-{epoch}-rank{self.rank}") if cfg.shuffle_buffer else None,
-            DecodeAndBatch(cfg.batch_size, cfg.image_size, cfg.on_corrupt, worker_skip),
+            SeededShuffle(cfg.shuffle_buffer, name) if cfg.shuffle_buffer else None,
+            DecodeAndBatch(cfg.batch_size, cfg.crop_spec, cfg.on_corrupt, worker_skip, seed=f"{self.seed}-{epoch}"),
         )
         # The generator only seeds the workers' base seed; passing one keeps torch's global RNG untouched.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
@@ -161,10 +211,47 @@ class ShardStream:
             num_workers=self.num_workers,
             generator=generator,
             pin_memory=torch.cuda.is_available(),
+            prefetch_factor=cfg.prefetch if self.num_workers else None,
         )
 
+    def _reading(self, epoch: int, reading: int, skip_batches: int, seen: list[int]) -> Iterator[dict]:
+        """One pass over this rank's shards, from its `skip_batches`-th batch on. `seen` = [batches of the pass,
+        skipped or yielded; corrupt samples found after its last batch], filled as it goes."""
+        # DataLoader (in order) takes one item from each worker in turn, dropping workers that run dry, so the
+        # first k batches hold k // workers of every worker's batches unless a worker ran dry before that; each
+        # worker reports how many it really skipped and we drop the difference here.
+        workers = max(1, self.num_workers)
+        batches = iter(self._loader(epoch, reading, worker_skip=skip_batches // workers))
+        skipped_by_workers, dropped, corrupt = 0, 0, 0
+        try:
+            while True:
+                try:
+                    item = next(batches)
+                except StopIteration:
+                    break
+                except DataError as err:
+                    raise _unwrap_worker_error(err) from err
+                if SKIPPED_BATCHES_KEY in item:  # the first item of every worker, before any batch
+                    skipped_by_workers += item[SKIPPED_BATCHES_KEY]
+                    seen[0] += item[SKIPPED_BATCHES_KEY]
+                    continue
+                corrupt += item["skipped_corrupt"]
+                if "image" not in item:  # stats-only: corrupt samples after a worker's last batch
+                    continue
+                seen[0] += 1
+                if dropped < skip_batches - skipped_by_workers:
+                    dropped, corrupt = dropped + 1, 0  # that batch reported them in the run being resumed
+                    continue
+                item["skipped_corrupt"], corrupt = corrupt, 0
+                yield item
+        finally:
+            # Stop the workers now, not when the iterator is garbage collected: an exception's traceback keeps it
+            # alive, and a late shutdown waits 5 s per worker for them to notice.
+            getattr(batches, "_shutdown_workers", lambda: None)()
+        seen[1] += corrupt
+
     def epoch(self, epoch: int, skip_batches: int = 0) -> Iterator[dict]:
-        """The batches of one epoch, optionally starting after the first `skip_batches` of them.
+        """The `batches_per_epoch(epoch)` batches of one epoch, optionally starting after the first `skip_batches`.
 
         `epoch(e, skip_batches=k)` yields exactly what `epoch(e)` yields from its k-th batch on. Workers skip
         their share of the k batches on raw samples before decoding; the main process drops the few left over
@@ -179,41 +266,35 @@ class ShardStream:
             if every sample has "cls"; "skipped_corrupt": int, corrupt samples dropped since the previous batch.
 
         Raises:
-            DataError: a shard cannot be read, or (with on_corrupt="fail") a sample is corrupt.
+            DataError: a shard cannot be read, (with on_corrupt="fail") a sample is corrupt, or the shards hold
+                too few decodable samples to fill an epoch.
         """
         if skip_batches < 0:
             raise ValueError(f"skip_batches must be >= 0, got {skip_batches}")
-        # DataLoader (in order) takes one item from each worker in turn, dropping workers that run dry, so the
-        # first k batches hold k // workers of every worker's batches unless a worker ran dry before that; each
-        # worker reports how many it really skipped and we drop the difference here.
-        workers = max(1, self.num_workers)
-        batches = iter(self._loader(epoch, worker_skip=skip_batches // workers))
-        skipped_by_workers, dropped, corrupt = 0, 0, 0
-        try:
-            while True:
-                try:
-                    item = next(batches)
-                except StopIteration:
-                    break
-                except DataError as err:
-                    raise _unwrap_worker_error(err) from err
-                if SKIPPED_BATCHES_KEY in item:  # the first item of every worker, before any batch
-                    skipped_by_workers += item[SKIPPED_BATCHES_KEY]
-                    continue
-                corrupt += item["skipped_corrupt"]
-                if "image" not in item:  # stats-only: corrupt samples after a worker's last batch
-                    continue
-                if dropped < skip_batches - skipped_by_workers:
-                    dropped, corrupt = dropped + 1, 0  # that batch reported them in the run being resumed
-                    continue
-                item["skipped_corrupt"], corrupt = corrupt, 0
-                yield item
-        finally:
-            # Stop the workers now, not when the iterator is garbage collected: an exception's traceback keeps it
-            # alive, and a late shutdown waits 5 s per worker for them to notice.
-            getattr(batches, "_shutdown_workers", lambda: None)()
-        if corrupt:
-            warnings.warn(f"{corrupt} corrupt sample(s) dropped after the last batch of epoch {epoch}", stacklevel=2)
+        wanted, done, to_skip, carried = self.batches_per_epoch(epoch), skip_batches, skip_batches, 0
+        for reading in range(MAX_PASSES + 1):
+            if done >= wanted:
+                return
+            seen = [0, 0]  # the pass's batches (skipped or yielded), corrupt samples after its last batch
+            passage = self._reading(epoch, reading, to_skip, seen)
+            try:
+                for item in passage:
+                    item["skipped_corrupt"] += carried
+                    carried = 0
+                    yield item
+                    done += 1
+                    if done == wanted:
+                        return
+            finally:
+                passage.close()
+            if seen[0] == 0:
+                break
+            carried += seen[1]  # reported with the next batch, from the next pass
+            to_skip = max(0, to_skip - seen[0])  # ran dry early: read the shards again, reshuffled
+        raise DataError(
+            f"rank {self.rank}'s shards hold too few decodable samples for {wanted} batches of {self.cfg.batch_size} "
+            f"in epoch {epoch} (corrupt samples?); check them with `dtengine check-shards`"
+        )
 
 
 class BatchCursor:
@@ -223,6 +304,10 @@ class BatchCursor:
     def __init__(self, stream: ShardStream, epoch: int = 0, batch_in_epoch: int = 0):
         self.stream, self.epoch, self.batch_in_epoch = stream, epoch, batch_in_epoch
         self._batches: Iterator[dict] = stream.epoch(epoch, skip_batches=batch_in_epoch)
+
+    def state(self) -> dict:
+        """The position a checkpoint stores: (epoch, batches consumed in it)."""
+        return {"loader": "wds", "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
 
     def next(self) -> dict:
         for _ in range(2):

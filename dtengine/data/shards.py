@@ -10,7 +10,10 @@ partial shard under its final name (at worst a `.tar` whose `.idx` is missing, w
 
 import hashlib
 import io
+import itertools
 import json
+import multiprocessing
+import os
 import re
 import tarfile
 from collections.abc import Iterable, Iterator
@@ -38,6 +41,56 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+def index_text(tar_path: str | Path) -> str:
+    """The DALI webdataset index of an uncompressed tar, as `write_wds_index` writes it."""
+    tar_path = Path(tar_path)
+    samples: list[list[str]] = []
+    last_key = None
+    # tarfile silently ends a stream at a truncated header; tars are whole 512-byte blocks, so check that.
+    if tar_path.is_file() and tar_path.stat().st_size % 512:
+        raise DataError(f"shard '{tar_path}' is truncated (size not a multiple of 512 bytes); re-create it or drop it")
+    try:
+        with tarfile.open(tar_path, "r:") as archive:
+            for member in archive:
+                if not member.isreg():
+                    continue
+                key, ext = _split_name(member.name)
+                if not key or key.endswith("/"):
+                    continue
+                if key != last_key:
+                    samples.append([])
+                    last_key = key
+                samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
+    except (OSError, tarfile.TarError) as err:
+        raise DataError(f"cannot index shard '{tar_path}' ({err}); re-create the shard") from err
+    if not samples:
+        raise DataError(f"shard '{tar_path}' holds no files; remove it or re-create it")
+    return f"{_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(files) + "\n" for files in samples)
+
+
+def ensure_index(tar_path: str | Path) -> int:
+    """Make sure the shard's `.idx` exists and is not older than the tar (else write it); return its sample count.
+
+    A shard on read-only storage is indexed in memory instead (DALI then needs the index written elsewhere).
+    """
+    tar_path = Path(tar_path)
+    idx_path = tar_path.with_suffix(".idx")
+    try:
+        if idx_path.is_file() and idx_path.stat().st_mtime >= tar_path.stat().st_mtime:
+            header = idx_path.open().readline().split()
+            if len(header) == 2 and header[0] == _INDEX_VERSION and header[1].isdigit():
+                return int(header[1])
+    except OSError:
+        pass
+    text = index_text(tar_path)
+    try:
+        with atomic_open(idx_path) as stream:
+            stream.write(text.encode())
+    except OSError:
+        pass
+    return int(text.split("\n", 1)[0].split()[1])
+
+
 def write_wds_index(tar_path: str | Path, idx_path: str | Path) -> None:
     """Write the DALI webdataset index of an uncompressed tar, byte-identical to what `wds2idx` writes.
 
@@ -55,28 +108,8 @@ def write_wds_index(tar_path: str | Path, idx_path: str | Path) -> None:
     Raises:
         DataError: the tar cannot be read or holds no files.
     """
-    tar_path, idx_path = Path(tar_path), Path(idx_path)
-    samples: list[list[str]] = []
-    last_key = None
-    try:
-        with tarfile.open(tar_path, "r:") as archive:
-            for member in archive:
-                if not member.isreg():
-                    continue
-                key, ext = _split_name(member.name)
-                if not key or key.endswith("/"):
-                    continue
-                if key != last_key:
-                    samples.append([])
-                    last_key = key
-                samples[-1].append(f"{ext} {member.offset_data} {member.size} {member.name}")
-    except (OSError, tarfile.TarError) as err:
-        raise DataError(f"cannot index shard '{tar_path}' ({err}); re-create the shard") from err
-    if not samples:
-        raise DataError(f"shard '{tar_path}' holds no files; remove it or re-create it")
-    text = f"{_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(files) + "\n" for files in samples)
-    with atomic_open(idx_path) as stream:
-        stream.write(text.encode())
+    with atomic_open(Path(idx_path)) as stream:
+        stream.write(index_text(tar_path).encode())
 
 
 def _check_sample(sample: dict) -> None:
@@ -109,21 +142,28 @@ def write_shards(samples: Iterable[dict], out_dir: str | Path, prefix: str, samp
     out_dir.mkdir(parents=True, exist_ok=True)
     shards: list[Path] = []
     iterator = iter(samples)
-    sample = next(iterator, None)
-    while sample is not None:
+    while (first := next(iterator, None)) is not None:
         tar_path = out_dir / f"{prefix}-{len(shards):06d}.tar"
-        with atomic_open(tar_path) as stream, wds.TarWriter(stream, encoder=False, mtime=_FIXED_MTIME) as writer:
-            for _ in range(samples_per_shard):
-                if sample is None:
-                    break
-                _check_sample(sample)
-                writer.write(sample)
-                sample = next(iterator, None)
-        write_wds_index(tar_path, tar_path.with_suffix(".idx"))
+        write_tar(tar_path, itertools.chain([first], itertools.islice(iterator, samples_per_shard - 1)))
         shards.append(tar_path)
     return shards
 
 
+def write_tar(tar_path: str | Path, samples: Iterable[dict]) -> Path:
+    """Write one shard of `samples` (keys starting with "_" other than "__key__" are left out) atomically, and
+    its `.idx` beside it. Returns the path."""
+    tar_path = Path(tar_path)
+    with atomic_open(tar_path) as stream, wds.TarWriter(stream, encoder=False, mtime=_FIXED_MTIME) as writer:
+        for sample in samples:
+            sample = {k: v for k, v in sample.items() if k == "__key__" or not k.startswith("_")}
+            _check_sample(sample)
+            writer.write(sample)
+    write_wds_index(tar_path, tar_path.with_suffix(".idx"))
+    return tar_path
+
+
+PARALLEL_MIN_IMAGES = 256
+"""Images per worker process below which make-shards stays in one process (starting workers costs more)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 """File suffixes (compared case-insensitively) that `make_shards_from_folder` picks up."""
 
@@ -173,6 +213,14 @@ def _to_rgb(image: Image.Image) -> Image.Image:
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def _jpeg_or_reason(path: Path) -> tuple[bytes | None, str]:
+    """`_jpeg_bytes` for a worker process: (bytes, "") or (None, why it failed)."""
+    try:
+        return _jpeg_bytes(path), ""
+    except (ValueError, OSError) as err:
+        return None, str(err)
 
 
 def _jpeg_bytes(path: Path) -> bytes:
@@ -226,17 +274,21 @@ def make_shards_from_folder(
     skipped: list[tuple[Path, str]] = []
     used_keys: set[str] = set()
 
-    def samples() -> Iterator[dict]:
-        for path in tqdm(images, desc=f"make-shards {src_dir.name}", unit="img"):
-            relative = path.relative_to(src_dir).as_posix()
-            try:
-                jpeg = _jpeg_bytes(path)
-            except (ValueError, OSError) as err:
-                skipped.append((path, str(err)))
+    def samples(encoded: Iterator[tuple[bytes | None, str]]) -> Iterator[dict]:
+        for path, (jpeg, reason) in zip(tqdm(images, desc=f"make-shards {src_dir.name}", unit="img"), encoded):
+            if jpeg is None:
+                skipped.append((path, reason))
                 continue
-            yield {"__key__": _sample_key(relative, used_keys), "jpg": jpeg}
+            yield {"__key__": _sample_key(path.relative_to(src_dir).as_posix(), used_keys), "jpg": jpeg}
 
-    shards = write_shards(samples(), out_dir, prefix, samples_per_shard)
+    # Decoding and re-encoding use every core; imap keeps the input order, so the shards do not depend on it.
+    workers = min(os.cpu_count() or 1, max(1, len(images) // PARALLEL_MIN_IMAGES))
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers) as pool:
+            shards = write_shards(samples(pool.imap(_jpeg_or_reason, images, chunksize=64)), out_dir, prefix,
+                                  samples_per_shard)  # fmt: skip
+    else:
+        shards = write_shards(samples(map(_jpeg_or_reason, images)), out_dir, prefix, samples_per_shard)
     report = MakeShardsReport(written=len(images) - len(skipped), skipped=skipped, shards=shards)
     manifest = out_dir / "manifest.json"
     _write_manifest(manifest, src_dir, report, samples_per_shard)

@@ -21,8 +21,9 @@ import torch
 from dtengine.runtime.errors import CheckpointError, ConfigError
 from dtengine.runtime.io import atomic_write
 
-FORMAT_VERSION = 2
-"""1 (never written with this key): pickled RNG states, loaded with weights_only=False. 2: tensors only."""
+FORMAT_VERSION = 3
+"""1 (never written with this key): pickled RNG states, loaded with weights_only=False. 2: tensors only. 3: the
+data position is the loader's own state (`"data"`), e.g. DALI's pipeline checkpoint."""
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt$")
 
 

@@ -22,7 +22,8 @@ from typing import Any
 
 import torch
 
-from dtengine.data.shard_stream import BatchCursor, DataConfig, ShardStream, held_out_shards, resolve_shards
+from dtengine.data.loaders import open_batches
+from dtengine.data.shard_stream import DataConfig, ShardStream, held_out_shards, resolve_shards
 from dtengine.distill import Distiller
 from dtengine.export import export_backbone
 from dtengine.levels import describe_levels
@@ -131,8 +132,8 @@ class DistillationRun:
     architecture: dict[str, Any]
     compiled: list[str] = field(default_factory=list)
     step: int = 0
-    epoch: int = 0
-    batch_in_epoch: int = 0
+    data_state: dict[str, Any] | None = None
+    loader: str = ""
     last_saved: int = 0
     logged_losses: list[float] = field(default_factory=list)
 
@@ -184,16 +185,15 @@ def resume_run(run: DistillationRun, source: str | bool) -> None:
     run.distiller.student.load_state_dict(state["student"])
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
-    run.step, run.epoch, run.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+    run.step, run.data_state = state["step"], state["data"]
     run.last_saved = run.step
     ckpt.restore_rng_state(state["rng"])
 
 
-def save_run(run: DistillationRun, cursor: BatchCursor) -> Path:
+def save_run(run: DistillationRun, batches) -> Path:
     state = {
         "step": run.step,
-        "epoch": cursor.epoch,
-        "batch_in_epoch": cursor.batch_in_epoch,
+        "data": batches.state(),
         "student": run.distiller.student.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "scheduler": run.scheduler.state_dict(),
@@ -252,7 +252,7 @@ def validate(run: DistillationRun, batches: list[torch.Tensor]) -> dict[str, flo
     return {f"val_{name}": sums[name] / len(batches) for name in distiller.term_names}
 
 
-def train_loop(run: DistillationRun, cursor: BatchCursor, metrics: MetricsLogger) -> None:
+def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger) -> None:
     cfg, distiller = run.cfg, run.distiller
     accum, batch_size = cfg.train.grad_accum, cfg.data.batch_size
     bar = progress_bar(cfg.train.steps, "distill", initial=run.step, enabled=cfg.train.progress)
@@ -280,6 +280,7 @@ def train_loop(run: DistillationRun, cursor: BatchCursor, metrics: MetricsLogger
                 # Compilation and warm-up, timed apart: one sync, outside the steady state.
                 synchronize(distiller.device)
                 row.update(first_step_s=window.restart_clock(), compiled=",".join(run.compiled) or "none")
+                row.update(loader=run.loader)
             if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
                 row.update(metrics_row(run, window.pull(), grad_norm, lr, cursor.epoch))
                 run.logged_losses.append(row["loss"])
@@ -318,7 +319,9 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
     if resume:
         resume_run(run, resume)
     atomic_write(run.run_dir / "config.yaml", config_to_yaml(cfg))
-    cursor = BatchCursor(ShardStream(cfg.data, seed=cfg.train.seed), run.epoch, run.batch_in_epoch)
+    device = run.distiller.device
+    cursor, run.loader = open_batches(cfg.data, cfg.train.seed, device=device, state=run.data_state)
+    print(f"data loader: {run.loader}", flush=True)
     metrics = MetricsLogger(run.run_dir, tensorboard=cfg.train.tensorboard)
     try:
         train_loop(run, cursor, metrics)

@@ -1,0 +1,84 @@
+"""Choosing and opening the loader a run reads batches from (`data.loader`), all behind one small interface:
+
+batches.next()   -> {"image": uint8 (B, 3, S, S), "skipped_corrupt": int, ...}
+batches.epoch    the epoch the next batch belongs to
+batches.state()  what a checkpoint stores so that `open_batches(..., state=...)` continues exactly
+
+wds        `ShardStream` through `BatchCursor` (PIL decoding in DataLoader workers; skips and counts corrupt
+           samples)
+dali       `DaliBatches` (GPU decoding on CUDA)
+synthetic  `SyntheticBatches`: random batches made on the device, no input at all: the compute-only ceiling
+auto       dali on CUDA when it is installed and works, wds otherwise
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dtengine.data.shard_stream import BatchCursor, DataConfig, ShardStream
+from dtengine.runtime.errors import CheckpointError
+
+SYNTHETIC_EPOCH = 1000
+"""Batches in a synthetic "epoch" (there is no dataset to count)."""
+
+
+class SyntheticBatches:
+    """Random uint8 images of the configured shape, made on the device from a generator keyed by the batch index."""
+
+    def __init__(self, cfg: DataConfig, seed: int, rank: int = 0, device: torch.device | str = "cpu",
+                 state: dict | None = None):  # fmt: skip
+        self.cfg, self.seed, self.rank, self.device = cfg, seed, rank, torch.device(device)
+        self.batches = int((state or {}).get("batches", 0))
+        self.generator = torch.Generator(device=self.device)
+
+    @property
+    def epoch(self) -> int:
+        return self.batches // SYNTHETIC_EPOCH
+
+    def next(self) -> dict:
+        self.generator.manual_seed(hash((self.seed, self.rank, self.batches)) % 2**63)
+        self.batches += 1
+        shape = (self.cfg.batch_size, 3, self.cfg.image_size, self.cfg.image_size)
+        image = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device, generator=self.generator)
+        return {"image": image, "skipped_corrupt": 0}
+
+    def state(self) -> dict:
+        return {"loader": "synthetic", "batches": self.batches}
+
+
+def choose_loader(cfg: DataConfig, device: torch.device) -> tuple[str, str]:
+    """(loader, why) for `cfg.loader` on `device`."""
+    if cfg.loader != "auto":
+        return cfg.loader, f"data.loader={cfg.loader}"
+    if device.type != "cuda":
+        return "wds", "auto: no CUDA device (DALI decodes on the GPU)"
+    from dtengine.data.dali import dali_unavailable_reason
+
+    reason = dali_unavailable_reason()
+    return ("wds", f"auto: {reason}") if reason else ("dali", "auto: CUDA and nvidia-dali")
+
+
+def open_batches(cfg: DataConfig, seed: int, rank: int = 0, world_size: int = 1,
+                 device: torch.device | str = "cpu", state: dict | None = None):  # fmt: skip
+    """The run's batches and a one-line description of the loader and why it was chosen.
+
+    Raises:
+        CheckpointError: `state` was written by another loader (the stream could not continue exactly).
+    """
+    device = torch.device(device)
+    loader, why = choose_loader(cfg, device)
+    if state and state.get("loader", "wds") != loader:
+        raise CheckpointError(
+            f"the checkpoint's data position belongs to the {state.get('loader')} loader, but this run uses {loader} "
+            f"({why}); resume with data.loader={state.get('loader')}"
+        )
+    state = state or {}
+    if loader == "synthetic":
+        return SyntheticBatches(cfg, seed, rank, device, state), f"synthetic ({why})"
+    if loader == "dali":
+        from dtengine.data.dali import DaliBatches
+
+        return DaliBatches(cfg, seed, rank, world_size, device, state), f"dali ({why})"
+    stream = ShardStream(cfg, seed, rank, world_size)
+    cursor = BatchCursor(stream, int(state.get("epoch", 0)), int(state.get("batch_in_epoch", 0)))
+    return cursor, f"wds ({why})"
