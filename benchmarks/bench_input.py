@@ -31,7 +31,15 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import RESULTS, append_csv, device_slug, environment, format_environment, markdown_table  # noqa: E402
+from common import (  # noqa: E402
+    RESULTS,
+    append_csv,
+    device_slug,
+    environment,
+    format_environment,
+    markdown_table,
+    save_figure,
+)
 
 LOADERS = ("imagefolder", "wds", "dali", "synthetic")
 IMAGE_SIDES = (320, 500)  # each side drawn in this range: real-sized images of mixed aspect ratios
@@ -118,9 +126,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     ax.bar_label(bars, labels=[f"{r['img_per_s']:.0f}\n{r['vs_baseline']}x" for r in rows], fontsize=8)
     ax.set_ylabel("images / s (median of rounds)")
     ax.set_title(title, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

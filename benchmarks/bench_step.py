@@ -53,6 +53,7 @@ from common import (  # noqa: E402
     environment,
     format_environment,
     markdown_table,
+    save_figure,
     synchronize,
 )
 
@@ -311,9 +312,7 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
                      fontsize=9)  # fmt: skip
         ax.set_ylabel("images / s (median of windows)")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main() -> None:

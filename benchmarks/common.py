@@ -164,3 +164,12 @@ def save_results(csv_path: Path, rows: list[dict], columns: list[str], title: st
     report.write_text(f"# {title}\n\n{format_environment(env)}\n\n" + (f"{note}\n\n" if note else "") + f"{table}\n")
     print(table)
     print(f"appended to {csv_path}; report: {report}")
+
+
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write (110 dpi) and close a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
