@@ -125,3 +125,12 @@ def test_make_shards_command(capsys, tmp_path):
         capsys, "make-shards", "--from-folder", str(tmp_path / "nothing"), "--out", str(tmp_path / "t")
     )
     assert_one_line_error(code, err)
+
+
+def test_check_shards_reports_and_fixes(capsys, shards_with_corrupt_jpeg):
+    code, out, _ = run_cli(capsys, "check-shards", shards_with_corrupt_jpeg)
+    assert code == 1 and "sample 'img005': image:" in out and "1 shards, 12 samples: 1 broken" in out
+    code, out, _ = run_cli(capsys, "check-shards", shards_with_corrupt_jpeg, "--fix")
+    assert code == 0 and "(removed)" in out and "rewrote 1 shards" in out
+    code, out, _ = run_cli(capsys, "check-shards", shards_with_corrupt_jpeg)
+    assert code == 0 and "1 shards, 11 samples: 0 broken, 0 unreadable shards" in out
