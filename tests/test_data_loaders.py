@@ -200,3 +200,13 @@ def test_wds_skips_and_counts_what_dali_refuses(tmp_path):
 
 def test_loaders_module_lists_every_loader():
     assert set(loaders_module.__doc__.split()) >= {"wds", "dali", "synthetic", "auto"}
+
+
+@pytest.mark.gpu
+def test_dali_decodes_on_the_gpu_into_channels_last_batches(dali_batches, tmp_path):
+    shard = photo_shard(tmp_path)
+    data = cfg(shard, image_size=48, batch_size=12, shuffle_buffer=0)
+    on_gpu = dali_batches(data, seed=0, device="cuda").next()["image"]
+    assert on_gpu.is_cuda and on_gpu.is_contiguous(memory_format=torch.channels_last)
+    on_cpu = dali_batches(data, seed=0).next()["image"].float()
+    assert (on_gpu.cpu().float() - on_cpu).abs().mean() <= 2.0  # nvJPEG and libjpeg-turbo round differently
