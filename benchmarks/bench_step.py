@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -102,17 +103,19 @@ def build_teacher(name: str, cfg, device: torch.device):
     return DiffusionTeacher(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), cfg.teacher)
 
 
-def engine_step(name: str, cfg, device: torch.device, compiled: bool):
-    from dtengine.data.loaders import open_batches
-
-    """(whole step, instrumented step, FLOPs per image) of the engine, built as `dtengine distill` builds it."""
+def engine_step(name: str, cfg, world, compiled: bool):
+    """(whole step, instrumented step, FLOPs per image) of the engine, built as `dtengine distill` builds it; under
+    torchrun, one rank of a DDP job."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    from dtengine.data.loaders import open_batches
     from dtengine.distill import Distiller
-    from dtengine.parallel.compile import CompileConfig, apply_compile
+    from dtengine.parallel.compile import CompileConfig, apply_compile, student_compiles
+    from dtengine.parallel.distributed import gradient_sync, wrap_student
     from dtengine.runtime.device import SampleKeys, seed_everything
     from dtengine.train.optim import build_optimizer, build_scheduler, optimizer_step
 
+    device = world.device
     seed_everything(cfg.train.seed)
     distiller = Distiller(
         build_teacher(name, cfg, device), cfg.student.model, loss=cfg.loss, distill=cfg.distill,
@@ -120,18 +123,22 @@ def engine_step(name: str, cfg, device: torch.device, compiled: bool):
     ).place(device).train()  # fmt: skip
     optimizer = build_optimizer(distiller, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, 10_000)
-    cursor, _ = open_batches(cfg.data, cfg.train.seed, device=device)
+    cursor, _ = open_batches(cfg.data, cfg.train.seed, world.rank, world.size, device=device)
     batch = cfg.data.batch_size
     with FlopCounterMode(display=False) as counter:  # eager, before compiling: the useful work of one step
         distiller(cursor.next()["image"], step=0)["loss"].backward()
     optimizer.zero_grad(set_to_none=True)
     flops_per_image = counter.get_total_flops() / batch
-    if compiled:
-        apply_compile(distiller, CompileConfig(**{**vars(cfg.compile), "enabled": True}))
+    compile_cfg = CompileConfig(**{**vars(cfg.compile), "enabled": True}) if compiled else CompileConfig(enabled=False)
+    apply_compile(distiller, compile_cfg, student=not world.distributed)
+    inside_ddp = compile_cfg if world.distributed and student_compiles(compile_cfg, device) else None
+    wrap_student(distiller, world, cfg.distributed, inside_ddp)
     state = {"step": 1}
 
     def whole() -> None:
-        distiller(cursor.next()["image"], step=state["step"])["loss"].backward()
+        first_index = world.rank * batch
+        with gradient_sync(distiller, enabled=True):
+            distiller(cursor.next()["image"], step=state["step"], first_index=first_index)["loss"].backward()
         optimizer_step(distiller, optimizer, scheduler, cfg.optim.grad_clip)
         state["step"] += 1
 
@@ -196,11 +203,14 @@ def naive_step(name: str, cfg, device: torch.device, scratch: Path):
 
 
 def measure(args) -> dict:
-    """One (config, mode) in this process: warm-up, timed windows, instrumented pass, peak memory."""
-    from dtengine.runtime.device import peak_memory_gb, resolve_device
+    """One (config, mode) in this process (one rank, under torchrun): warm-up, timed windows, instrumented pass,
+    peak memory. Windows start and end with every rank in step, and img/s counts all ranks' images."""
+    from dtengine.parallel.distributed import init_world, shutdown
+    from dtengine.runtime.device import peak_memory_gb
 
     cfg = run_config(args.config, args.overrides)
-    device = resolve_device(cfg.train.device)
+    world = init_world(cfg.train.device, cfg.distributed)
+    device = world.device
     with tempfile.TemporaryDirectory() as scratch:
         flops = None
         if args.mode == "naive":
@@ -208,7 +218,7 @@ def measure(args) -> dict:
         else:
             if args.mode == "synthetic":
                 cfg.data.loader = "synthetic"
-            whole, instrumented, flops = engine_step(args.config, cfg, device, args.mode != "eager")
+            whole, instrumented, flops = engine_step(args.config, cfg, world, args.mode != "eager")
         start = time.perf_counter()
         for _ in range(args.warmup):
             whole()
@@ -219,20 +229,24 @@ def measure(args) -> dict:
         windows = []
         for _ in range(args.windows):
             synchronize(device)
+            world.barrier()
             start = time.perf_counter()
             for _ in range(args.window_steps):
                 whole()
             synchronize(device)
-            windows.append(args.window_steps * cfg.data.batch_size / (time.perf_counter() - start))
+            world.barrier()
+            windows.append(args.window_steps * cfg.data.batch_size * world.size / (time.perf_counter() - start))
         timer = Timer(device)
         for _ in range(args.split_steps):
             instrumented(timer)
+        shutdown(world)
     return {
         "config": args.config,
         "mode": args.mode,
         "student": cfg.student.model,
         "image_size": cfg.data.image_size,
         "batch": cfg.data.batch_size,
+        "world_size": world.size,
         "overrides": " ".join(args.overrides),
         "img_per_s": statistics.median(windows),
         "windows": [round(w, 2) for w in windows],
@@ -244,11 +258,18 @@ def measure(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ the run ---
-def run_worker(config: str, mode: str, args) -> dict | str:
-    """Measure one (config, mode) in a subprocess; its result dict, or the reason it failed."""
+def run_worker(config: str, mode: str, args, world_size: int = 1) -> dict | str:
+    """Measure one (config, mode) in a subprocess (a torchrun job of `world_size` ranks when more than one); its
+    result dict, or the reason it failed."""
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
-        command = [sys.executable, __file__, "--worker", config, mode, "--result", out.name, *worker_flags(args)]
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout_s)
+        command = [__file__, "--worker", config, mode, "--result", out.name, *worker_flags(args)]
+        env = dict(os.environ)
+        if args.world_sizes:  # a sweep: every rank gets one thread on a CPU, the 1-rank reference too
+            env.setdefault("OMP_NUM_THREADS", "1")
+        if world_size > 1:
+            command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}", *command]
+        proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=args.timeout_s,
+                              env=env)  # fmt: skip
         if proc.returncode != 0:
             lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()
             return lines[-1][:200]
@@ -315,6 +336,44 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     save_figure(fig, path)
 
 
+def sweep(args, configs: list[str], env: dict) -> None:
+    """The scaling sweep: --sweep-mode at each world size, efficiency against one rank, CSV + report + lines."""
+    rows = []
+    for config in configs:
+        single = None
+        for world_size in (int(w) for w in args.world_sizes.split(",")):
+            outcome = run_worker(config, args.sweep_mode, args, world_size)
+            if isinstance(outcome, str):
+                print(f"config={config} world_size={world_size}: failed ({outcome})", flush=True)
+                continue
+            single = outcome["img_per_s"] if world_size == 1 else single
+            efficiency = outcome["img_per_s"] / (world_size * single) if single else None
+            rows.append({
+                **env, **{k: v for k, v in outcome.items() if k not in ("flops_per_image", "windows")},
+                "img_per_s": round(outcome["img_per_s"], 2), "windows": " ".join(map(str, outcome["windows"])),
+                "img_per_s_per_rank": round(outcome["img_per_s"] / world_size, 2),
+                "scaling_efficiency": "na" if efficiency is None else round(efficiency, 3),
+            })  # fmt: skip
+            print(f"config={config} mode={args.sweep_mode} world_size={world_size} img_per_s={rows[-1]['img_per_s']} "
+                  f"scaling_efficiency={rows[-1]['scaling_efficiency']}", flush=True)  # fmt: skip
+    if not rows:
+        sys.exit("bench_step: nothing was measured")
+    path = Path(args.csv) if args.csv else RESULTS / f"bench_step_scaling_{device_slug(env['device'])}.csv"
+    append_csv(path, rows)
+    columns = ["date", "commit", "config", "mode", "world_size", "batch", "img_per_s", "img_per_s_per_rank",
+               "scaling_efficiency"]  # fmt: skip
+    with path.open() as handle:
+        history = list(csv.DictReader(handle))
+    path.with_suffix(".md").write_text(
+        f"# bench_step scaling on {env['device']}\n\nEach world size is a torchrun job of that many ranks (DDP), "
+        "per-rank batch as configured; scaling efficiency = img/s per rank / img/s of one rank. On a CPU every rank "
+        "(and the 1-rank reference) has one thread.\n\n"
+        + markdown_table([{c: r.get(c, "") for c in columns} for r in history], columns)
+        + "\n"
+    )
+    print(f"appended to {path}; report: {path.with_suffix('.md')}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", help=f"comma list of {CONFIGS} (default: what this device runs)")
@@ -327,11 +386,18 @@ def main() -> None:
     parser.add_argument("--csv", help="default: benchmarks/results/bench_step_<device>.csv")
     parser.add_argument("--worker", nargs=2, metavar=("CONFIG", "MODE"), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--world-sizes", help="a scaling sweep instead of the mode comparison, e.g. 1,2,4,8: --sweep-mode as "
+        "torchrun jobs of that many ranks; scaling efficiency = img/s per rank / img/s of one rank",
+    )  # fmt: skip
+    parser.add_argument("--sweep-mode", default="eager", choices=MODES[1:3])
     parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo config (and compile.*)")
     args = parser.parse_args()
     if args.worker:
         args.config, args.mode = args.worker
-        Path(args.result).write_text(json.dumps(measure(args)))
+        result = measure(args)
+        if os.environ.get("RANK", "0") == "0":
+            Path(args.result).write_text(json.dumps(result))
         return
 
     env = environment()
@@ -341,6 +407,8 @@ def main() -> None:
     unknown = [c for c in configs if c not in CONFIGS] + [m for m in modes if m not in MODES]
     if unknown:
         parser.error(f"unknown configs/modes {unknown}; choose from {CONFIGS} and {MODES}")
+    if args.world_sizes:
+        return sweep(args, configs, env)
     results = []
     for config in configs:
         if config != "demo" and not torch.cuda.is_available():

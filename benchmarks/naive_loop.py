@@ -85,7 +85,7 @@ class NaiveDistillation:
 
     def student_backward(self, images: torch.Tensor, targets: list[torch.Tensor]) -> torch.Tensor:
         with self.autocast:
-            predicted = self.student(images, [f.shape[-2:] for f in targets])
+            predicted = self.student(images, [f.shape[-2:] for f in targets]).features
         loss = feature_regression_loss_reference(predicted, targets).loss
         loss.backward()
         return loss

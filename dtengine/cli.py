@@ -6,6 +6,7 @@ Bad input surfaces as one line on stderr and exit code 2 (a `DTEngineError`); `-
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,7 +22,9 @@ def _distill(args: argparse.Namespace) -> None:
     from dtengine.train.distillation import run_distillation
 
     cfg = load_config(args.config, args.overrides)
-    result = run_distillation(cfg, resume=args.resume_from or args.resume)
+    result = run_distillation(cfg, resume=args.resume_from or args.resume, trust_checkpoint=args.trust_checkpoint)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
+        return
     print(f"run directory: {result.run_dir}")
     if result.final_loss is not None:
         first, final = result.first_loss, result.final_loss
@@ -96,6 +99,10 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument(
         "--resume-from", metavar="CHECKPOINT", help="continue from this run dir or step_*.pt, writing to out_dir"
     )
+    distill.add_argument(
+        "--trust-checkpoint", action="store_true",
+        help="load a sharded (FSDP2) checkpoint from outside the run's checkpoints folder (read with pickle)",
+    )  # fmt: skip
     distill.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     distill.set_defaults(func=_distill)
 

@@ -21,7 +21,9 @@ its logit head. `.to()` and friends still move them with the rest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -97,6 +99,7 @@ class Distiller(nn.Module):
         object.__setattr__(self, "interpreter", interpreter if mode != "feature" else None)
         num_classes = self.interpreter.num_classes if self.interpreter is not None else 0
         self.student = self._build_student(student, student_cfg or StudentConfig(), num_classes, mode != "label")
+        self.wrap_student(self.student)
         self._calls = 0
 
     def _build_student(self, student, cfg: StudentConfig, num_classes: int, predict_features: bool):
@@ -135,6 +138,22 @@ class Distiller(nn.Module):
         device = torch.device(device)
         self.to(device)
         return self.to(memory_format=torch.channels_last) if use_channels_last(device) else self
+
+    def wrap_student(self, wrapped) -> None:
+        """Run the student through `wrapped` (e.g. DDP(student), a compiled student) in `student_losses`. It is
+        not registered: state_dict(), parameters() and checkpoints keep the plain student's names."""
+        object.__setattr__(self, "_student_call", wrapped)
+
+    @contextlib.contextmanager
+    def plain_student(self) -> Iterator[None]:
+        """Inside the block, `student_losses` calls the plain student (no wrapper: no collectives, e.g. for a
+        validation on some ranks only)."""
+        wrapped = self._student_call
+        self.wrap_student(self.student)
+        try:
+            yield
+        finally:
+            self.wrap_student(wrapped)
 
     def _apply(self, fn, recurse: bool = True):
         # .to(), .cuda(), .half() ... move the frozen parts too, although they are not registered children.
@@ -185,7 +204,7 @@ class Distiller(nn.Module):
         """The student's predictions for `images` scored against `targets`: `term_names` -> 0-dim fp32 tensors."""
         dtype = resolve_precision(self.precision, images.device)
         with autocast(images.device, dtype):
-            predicted = self.student.predict(images, [f.shape[-2:] for f in targets.features])
+            predicted = self._student_call(images, [f.shape[-2:] for f in targets.features])
         return distillation_terms(
             predicted.features, targets.features, predicted.logits, targets.soft_labels, self.loss_cfg, self.distill_cfg
         )

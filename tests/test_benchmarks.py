@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_step.py"
 
 
@@ -101,3 +103,18 @@ def test_bench_input_compares_every_loader_with_imagefolder(tmp_path):
     summary = [line for line in proc.stdout.splitlines() if line.startswith("loader=")]
     assert [line.split()[0] for line in summary if "vs_baseline=" in line] == [f"loader={name}" for name in loaders]
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_bench_step_scaling_sweep_runs_torchrun_jobs(tiny_run_overrides, tmp_path):
+    out = tmp_path / "scaling.csv"
+    quick = ["--warmup", "1", "--windows", "1", "--window-steps", "1", "--split-steps", "1", "--csv", str(out)]
+    overrides = [o for o in tiny_run_overrides if not o.startswith("data.batch_size")] + ["data.batch_size=2"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--configs", "demo", "--world-sizes", "1,2", *quick, *overrides],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [r["world_size"] for r in rows] == ["1", "2"] and rows[0]["scaling_efficiency"] == "1.0"
+    assert float(rows[1]["scaling_efficiency"]) > 0 and "world_size=2" in proc.stdout

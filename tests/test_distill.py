@@ -119,7 +119,7 @@ def test_held_out_loss_profile_trace_and_peak_memory(tiny_run_overrides, tiny_va
     from dtengine.train import distillation
 
     again = config(tiny_run_overrides, f"out_dir={result.run_dir}-again", f"data.val_shards={tiny_val_shards}")
-    run = distillation.build_run(again, resuming=False)
+    run = distillation.build_run(again, distillation.init_world("cpu", again.distributed), resuming=False)
     batches = distillation.held_out_batches(run.cfg)
     assert distillation.validate(run, batches) == distillation.validate(run, batches)
 

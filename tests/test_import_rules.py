@@ -29,7 +29,7 @@ ALLOWED = {
     "export": BOTTOM,
     "eval": BOTTOM | {"eval", "data", "ops", "losses", "students", "teachers"},
     "distill": BOTTOM | {"data", "ops", "losses", "students", "teachers"},
-    "parallel": BOTTOM | {"parallel", "distill"},
+    "parallel": BOTTOM | {"parallel", "distill", "students"},
     "train": BOTTOM
     | {"train", "parallel", "distill", "data", "ops", "losses", "students", "teachers", "eval", "export"},
     "cli": BOTTOM | {"cli", "train", "distill", "data", "eval", "teachers", "__init__"},

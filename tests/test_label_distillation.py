@@ -77,11 +77,11 @@ def test_terms_per_mode():
 def test_student_logit_head_shapes():
     levels = [TeacherLevel(0, 8, 6), TeacherLevel(1, 4, 5)]
     student = DistillationStudent(StudentConfig(regressor_channels=16), levels, num_classes=3)
-    out = student.predict(torch.rand(2, 3, 36, 44), [(5, 6), (9, 11)])
+    out = student(torch.rand(2, 3, 36, 44), [(5, 6), (9, 11)])
     assert [f.shape for f in out.features] == [(2, 6, 5, 6), (2, 5, 9, 11)]
     assert out.logits.shape == (2, 3, 9, 11)  # FPN's finest level: stride 4
     label_only = DistillationStudent(StudentConfig(regressor_channels=16), levels, 3, predict_features=False)
-    assert label_only.predict(torch.rand(2, 3, 32, 32), [(4, 4), (8, 8)]).features == []
+    assert label_only(torch.rand(2, 3, 32, 32), [(4, 4), (8, 8)]).features == []
     assert len(label_only.regressor.project) == 0
 
 

@@ -18,7 +18,7 @@ def test_regressed_maps_have_teacher_shapes(model, size):
     student = DistillationStudent(StudentConfig(model=model, regressor_channels=32), LEVELS)
     h, w = size
     out_sizes = [(h // lvl.stride, w // lvl.stride) for lvl in LEVELS]
-    preds = student(torch.rand(2, 3, h, w), out_sizes)
+    preds = student(torch.rand(2, 3, h, w), out_sizes).features
     assert [p.shape for p in preds] == [(2, lvl.channels, *s) for lvl, s in zip(LEVELS, out_sizes)]
     preds[0].mean().backward()  # gradients reach the backbone through the regressor
     assert student.backbone.state_dict(keep_vars=True)[next(iter(student.backbone.state_dict()))].grad is not None
@@ -26,7 +26,7 @@ def test_regressed_maps_have_teacher_shapes(model, size):
 
 def test_odd_teacher_sizes_are_resized():
     student = DistillationStudent(StudentConfig(regressor_channels=16), [TeacherLevel(0, 8, 5)])
-    (pred,) = student(torch.rand(2, 3, 36, 44), [(5, 6)])  # teacher rounded differently than the student
+    (pred,) = student(torch.rand(2, 3, 36, 44), [(5, 6)]).features  # teacher rounded differently than the student
     assert pred.shape == (2, 5, 5, 6)
 
 

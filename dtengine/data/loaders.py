@@ -23,7 +23,8 @@ SYNTHETIC_EPOCH = 1000
 
 
 class SyntheticBatches:
-    """Random uint8 images of the configured shape, made on the device from a generator keyed by the batch index."""
+    """Random uint8 images of the configured shape, made on the device. Image i of a rank's n-th batch is keyed by
+    (seed, n, rank x batch + i), so N ranks x batch b see exactly the images of 1 rank x batch N b."""
 
     def __init__(self, cfg: DataConfig, seed: int, rank: int = 0, device: torch.device | str = "cpu",
                  state: dict | None = None):  # fmt: skip
@@ -36,10 +37,12 @@ class SyntheticBatches:
         return self.batches // SYNTHETIC_EPOCH
 
     def next(self) -> dict:
-        self.generator.manual_seed(hash((self.seed, self.rank, self.batches)) % 2**63)
+        size, batch = self.cfg.image_size, self.cfg.batch_size
+        image = torch.empty((batch, 3, size, size), dtype=torch.uint8, device=self.device)
+        for i in range(batch):
+            self.generator.manual_seed(self.seed * 1_000_003 + self.batches * 65_537 + self.rank * batch + i)
+            image[i].random_(0, 256, generator=self.generator)
         self.batches += 1
-        shape = (self.cfg.batch_size, 3, self.cfg.image_size, self.cfg.image_size)
-        image = torch.randint(0, 256, shape, dtype=torch.uint8, device=self.device, generator=self.generator)
         return {"image": image, "skipped_corrupt": 0}
 
     def state(self) -> dict:

@@ -79,9 +79,16 @@ def use_dtengine_inductor_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
 
 
-def apply_compile(distiller: Distiller, cfg: CompileConfig) -> list[str]:
+def student_compiles(cfg: CompileConfig, device: torch.device) -> bool:
+    """Whether `cfg` compiles the student pass on `device` (see `CompileConfig.student`)."""
+    return compile_enabled(cfg, device) and (device.type == "cuda" if cfg.student is None else cfg.student)
+
+
+def apply_compile(distiller: Distiller, cfg: CompileConfig, student: bool = True) -> list[str]:
     """Replace the distiller's teacher and student passes with compiled ones, as `cfg` says, in place.
 
+    Args:
+        student: False leaves the student pass to the caller (a DDP job compiles it inside DDP instead).
     Returns:
         The parts compiled ("teacher", "student"); empty when compile is off for this device.
     """
@@ -107,7 +114,7 @@ def apply_compile(distiller: Distiller, cfg: CompileConfig) -> list[str]:
 
         distiller.teacher_targets = compiled_teacher_targets
         compiled.append("teacher")
-    if device.type == "cuda" if cfg.student is None else cfg.student:
+    if student and student_compiles(cfg, device):
         options = {"mode": cfg.mode} if cfg.backend == "inductor" else {}
         distiller.student_losses = torch.compile(
             distiller.student_losses, backend=cfg.backend, fullgraph=True, dynamic=False, **options

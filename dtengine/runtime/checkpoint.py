@@ -11,6 +11,7 @@ from __future__ import annotations
 import pickle
 import random
 import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from dtengine.runtime.io import atomic_write
 FORMAT_VERSION = 3
 """1 (never written with this key): pickled RNG states, loaded with weights_only=False. 2: tensors only. 3: the
 data position is the loader's own state (`"data"`), e.g. DALI's pipeline checkpoint."""
-CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt$")
+CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.(pt|dcp)$")  # a file, or a sharded (distributed) checkpoint folder
 
 
 @dataclass
@@ -83,21 +84,25 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(CHECKPOINT_PATTERN.search(p.name).group(1)))
 
 
+def write_checkpoint(path: Path, state: dict[str, Any]) -> Path:
+    """Write `state` (+ format_version) to `path` atomically."""
+    return atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
+
+
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
     """Write `state` (+ format_version) as step_<step>.pt atomically, then delete all but the newest `keep`."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    path = checkpoint_path(directory, step)
-    atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
+    path = write_checkpoint(checkpoint_path(directory, step), state)
     for old in list_checkpoints(directory)[:-keep]:
-        old.unlink(missing_ok=True)
+        shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
     return path
 
 
 def find_checkpoint(path: Path) -> Path:
     """`path` itself if it is a file, else the newest checkpoint of a run directory (or of a checkpoints folder)."""
     path = Path(path).expanduser()
-    if path.is_dir():
+    if path.is_dir() and not CHECKPOINT_PATTERN.search(path.name):
         found = list_checkpoints(path / "checkpoints") or list_checkpoints(path)
         if not found:
             raise CheckpointError(f"no checkpoint (step_*.pt) found in '{path}'; pass a run directory or a .pt file")

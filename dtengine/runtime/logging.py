@@ -77,9 +77,13 @@ class StepWindow:
         self._started = time.perf_counter()
         return elapsed
 
-    def pull(self) -> dict[str, float]:
+    def pull(self, reduce=None) -> dict[str, float]:
+        """Every sum as a Python float; `reduce` maps the stacked tensor sums first (e.g. a mean over ranks)."""
         names = list(self._tensors)
-        pulled = torch.stack([self._tensors[n] for n in names]).cpu().tolist() if names else []
+        pulled = []
+        if names:
+            stacked = torch.stack([self._tensors[n] for n in names])
+            pulled = (reduce(stacked) if reduce else stacked).cpu().tolist()
         sums = {**self._numbers, **dict(zip(names, pulled)), "seconds": time.perf_counter() - self._started}
         self._reset()
         return sums

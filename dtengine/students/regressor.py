@@ -47,6 +47,9 @@ class FeatureRegressor(nn.Module):
         teacher_strides: strides of each teacher level; each must equal one of `student_strides`.
         channels: FPN width (paper: 256).
         pool_scales: PPM pooling scales (paper: 1, 2, 3, 6).
+        read_levels: FPN levels something reads besides the projections (the logit head reads level 0). Only
+            levels that are read get a smoothing conv: a parameter that never gets a gradient would break
+            sharded training's optimizer state and cost DDP a scan for unused parameters.
     """
 
     def __init__(
@@ -57,13 +60,18 @@ class FeatureRegressor(nn.Module):
         teacher_strides: Sequence[int],
         channels: int = 256,
         pool_scales: Sequence[int] = (1, 2, 3, 6),
+        read_levels: Sequence[int] = (),
     ):
         super().__init__()
         self.student_strides = list(student_strides)
         self.source_level = [self.student_strides.index(stride) for stride in teacher_strides]
         self.ppm = PyramidPoolingModule(student_channels[-1], channels, pool_scales)
         self.lateral = nn.ModuleList(ConvBNReLU(c, channels, 1) for c in student_channels[:-1])
-        self.smooth = nn.ModuleList(ConvBNReLU(channels, channels, 3) for _ in student_channels[:-1])
+        read = set(self.source_level) | set(read_levels)
+        # Keyed by level, so the names (smooth.0, smooth.1, ...) do not depend on which levels are read.
+        self.smooth = nn.ModuleDict(
+            {str(i): ConvBNReLU(channels, channels, 3) for i in range(len(student_channels) - 1) if i in read}
+        )
         self.project = nn.ModuleList(nn.Conv2d(channels, c, 1) for c in teacher_channels)
 
     def pyramid(self, student_feats: Sequence[Tensor]) -> list[Tensor]:
@@ -72,7 +80,7 @@ class FeatureRegressor(nn.Module):
         for i in range(len(levels) - 2, -1, -1):
             top_down = F.interpolate(levels[i + 1], size=levels[i].shape[-2:], mode="bilinear", align_corners=False)
             levels[i] = levels[i] + top_down
-        return [smooth(level) for smooth, level in zip(self.smooth, levels[:-1])] + [levels[-1]]
+        return [self.smooth[str(i)](level) if str(i) in self.smooth else level for i, level in enumerate(levels)]
 
     def forward(self, student_feats: Sequence[Tensor], out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
         """Args: student maps (finest first); the (H, W) of each teacher level. Returns one map per teacher level."""

@@ -92,16 +92,15 @@ class DistillationStudent(nn.Module):
             teacher_strides=[level.stride for level in projected],
             channels=cfg.regressor_channels,
             pool_scales=cfg.pool_scales,
+            read_levels=[0] if num_classes > 0 else [],
         )
         self.logit_head = LogitHead(cfg.regressor_channels, num_classes) if num_classes > 0 else None
         self.normalize = InputNormalization(self.backbone)
 
-    def predict(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> StudentOutput:
-        """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns features and logits."""
+    def forward(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> StudentOutput:
+        """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns features and logits.
+
+        This is the call DDP / FSDP wrap, so it is `forward` (their gradient hooks run only through it)."""
         pyramid = self.regressor.pyramid(self.backbone(self.normalize(images))[self.first_level :])
         logits = self.logit_head(pyramid[0]) if self.logit_head is not None else None
         return StudentOutput(self.regressor.project_pyramid(pyramid, out_sizes), logits)
-
-    def forward(self, images: Tensor, out_sizes: Sequence[Sequence[int]]) -> list[Tensor]:
-        """Args: images (B, 3, H, W) in [0, 1]; (H_l, W_l) of each teacher level. Returns [(B, C_l, H_l, W_l)]."""
-        return self.predict(images, out_sizes).features

@@ -1,11 +1,16 @@
 """`dtengine distill`: the distillation loop around the `Distiller` step.
 
-    build    run directory, `Distiller.from_config`, `apply_compile`, optimizer, schedule
-    resume   model, optimizer, schedule, RNG states and data position from a checkpoint
+    world    one process, or a torchrun job (`parallel.distributed`: DDP or FSDP2 over the ranks)
+    build    run directory, `Distiller.from_config`, `apply_compile`, `wrap_student`, optimizer, schedule
+    resume   model, optimizer, schedule, RNG states and data position from a checkpoint (`run_checkpoint`)
     loop     micro-batches -> `Distiller` -> backward -> `optimizer_step`; metrics stay on the device and are
-             pulled every `train.log_every` steps; held-out loss every `train.val_every`; checkpoints every
-             `checkpoint.every`; a profiler trace over `train.profile_steps`
+             pulled (and averaged over ranks) every `train.log_every` steps; held-out loss every
+             `train.val_every`; checkpoints every `checkpoint.every`; a profiler trace over `train.profile_steps`
     finish   export the backbone, plot the loss curve
+
+The config states the global batch (`train.global_batch`); each rank takes micro-batches of `data.batch_size`
+and accumulates as many as the world size leaves to reach it. Rank 0 alone prints, logs, plots, checkpoints and
+exports.
 
 The first step of a process (compilation included) is timed on its own and logged as `first_step_s`; img/s
 counts the steps after it. Outputs in the run directory: config.yaml, metrics.jsonl, tensorboard/, checkpoints/,
@@ -15,6 +20,7 @@ uninterrupted one would have taken.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,12 +34,21 @@ from dtengine.distill import Distiller
 from dtengine.export import export_backbone
 from dtengine.levels import describe_levels
 from dtengine.losses.objective import DistillConfig, LossConfig
-from dtengine.parallel.compile import CompileConfig, apply_compile
+from dtengine.parallel.compile import CompileConfig, apply_compile, student_compiles
+from dtengine.parallel.distributed import (
+    DistributedConfig,
+    World,
+    full_backbone,
+    gradient_sync,
+    init_world,
+    shutdown,
+    wrap_student,
+)
 from dtengine.runtime import checkpoint as ckpt
 from dtengine.runtime.checkpoint import CheckpointConfig
-from dtengine.runtime.config import config_to_dict, config_to_yaml
+from dtengine.runtime.config import config_to_yaml
 from dtengine.runtime.device import PRECISIONS, peak_memory_gb, seed_everything, synchronize
-from dtengine.runtime.errors import CheckpointError, ConfigError, OutputDirError
+from dtengine.runtime.errors import ConfigError, OutputDirError
 from dtengine.runtime.io import atomic_write, prepare_output_dir
 from dtengine.runtime.logging import (
     MetricsLogger,
@@ -46,6 +61,7 @@ from dtengine.runtime.logging import (
 from dtengine.students.student import StudentConfig
 from dtengine.teachers.diffusion import TeacherConfig
 from dtengine.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
+from dtengine.train.run_checkpoint import clean_partial_checkpoints, resume_run, save_run
 
 
 @dataclass
@@ -54,8 +70,12 @@ class TrainConfig:
 
     steps: int = 300
     """Optimizer steps to train for (the schedule's length)."""
+    global_batch: int = 0
+    """Images per optimizer step over all ranks. 0 = data.batch_size x grad_accum x the world size at the first
+    start; the value used is written to config.yaml and kept by every resume, on any world size."""
     grad_accum: int = 1
-    """Micro-batches per optimizer step; the effective batch is data.batch_size * grad_accum."""
+    """Micro-batches per optimizer step when global_batch is 0; otherwise derived: global_batch / (data.batch_size
+    x world size)."""
     seed: int = 0
     """Seeds the student's initialisation, data order, and every sample's noise and flip, which are keyed by
     (seed, step, global sample index) and drawn outside any compiled region: a run gives the same result on 1 or
@@ -107,6 +127,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     compile: CompileConfig = field(default_factory=CompileConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
@@ -125,22 +146,38 @@ class DistillationRun:
     """The state of one run while it trains."""
 
     cfg: RunConfig
+    world: World
     run_dir: Path
     distiller: Distiller
     optimizer: torch.optim.Optimizer
     scheduler: Any
     architecture: dict[str, Any]
     compiled: list[str] = field(default_factory=list)
+    parallel: str = "single process"
+    global_batch: int = 0
+    accumulation: int = 1
     step: int = 0
     data_state: dict[str, Any] | None = None
     loader: str = ""
     last_saved: int = 0
     logged_losses: list[float] = field(default_factory=list)
 
+    def set_global_batch(self, global_batch: int) -> None:
+        """Images per step over all ranks; each rank accumulates global / (data.batch_size x world) micro-batches."""
+        per_step = self.cfg.data.batch_size * self.world.size
+        if global_batch % per_step:
+            raise ConfigError(
+                f"train.global_batch {global_batch} is not a multiple of data.batch_size x world size = "
+                f"{self.cfg.data.batch_size} x {self.world.size}; change data.batch_size or the number of ranks"
+            )
+        self.global_batch, self.accumulation = global_batch, global_batch // per_step
+        self.cfg.train.global_batch, self.cfg.train.grad_accum = global_batch, self.accumulation
+
 
 def prepare_run_dir(out_dir: str | Path, resuming: bool) -> Path:
     """Create and check `out_dir`; a fresh run refuses a folder that already holds checkpoints."""
     run_dir = prepare_output_dir(out_dir, fix="choose another with out_dir=DIR")
+    clean_partial_checkpoints(run_dir / "checkpoints")
     if not resuming and ckpt.list_checkpoints(run_dir / "checkpoints"):
         raise OutputDirError(
             f"output directory '{run_dir}' already holds a run; pass --resume to continue it or choose a new out_dir"
@@ -162,57 +199,38 @@ def architecture_of(cfg: RunConfig, distiller: Distiller) -> dict[str, Any]:
     return architecture
 
 
-def build_run(cfg: RunConfig, resuming: bool) -> DistillationRun:
-    run_dir = prepare_run_dir(cfg.out_dir, resuming)
+def build_run(cfg: RunConfig, world: World, resuming: bool) -> DistillationRun:
+    run_dir = Path(cfg.out_dir).expanduser()
+    if world.main:
+        prepare_run_dir(cfg.out_dir, resuming)
+    world.barrier()
     resolve_shards(cfg.data.shards, cfg.data.builtin_root, cfg.data.image_size)  # fail fast on a bad pattern
     seed_everything(cfg.train.seed)
-    distiller = Distiller.from_config(cfg)
+    distiller = Distiller.from_config(cfg, device=world.device)
     architecture = architecture_of(cfg, distiller)
-    compiled = apply_compile(distiller, cfg.compile)
-    optimizer = build_optimizer(distiller, cfg.optim)
+    # Under DDP the student is compiled inside the DDP wrapper (see parallel/distributed.py), not here.
+    compiled = apply_compile(distiller, cfg.compile, student=not world.distributed)
+    ddp = world.distributed and cfg.distributed.strategy == "ddp"
+    compile_student = ddp and student_compiles(cfg.compile, world.device)
+    parallel = wrap_student(distiller, world, cfg.distributed, cfg.compile if compile_student else None)
+    compiled += ["student"] if compile_student else []
+    sharded = world.distributed and cfg.distributed.strategy == "fsdp2"
+    optimizer = build_optimizer(distiller.student, cfg.optim, fused=not sharded)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    return DistillationRun(cfg, run_dir, distiller, optimizer, scheduler, architecture, compiled)
-
-
-def resume_run(run: DistillationRun, source: str | bool) -> None:
-    """Restore `run` from the newest checkpoint of its own directory (True) or of `source` (a run dir or .pt)."""
-    state = ckpt.load_checkpoint(run.run_dir if source is True else Path(source))
-    if state.get("architecture") != run.architecture:
-        raise CheckpointError(
-            f"checkpoint was written for {state.get('architecture')}, but this config builds {run.architecture}; "
-            "resume with the run's own config.yaml or start a new out_dir"
-        )
-    run.distiller.student.load_state_dict(state["student"])
-    run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
-    run.step, run.data_state = state["step"], state["data"]
-    run.last_saved = run.step
-    ckpt.restore_rng_state(state["rng"])
-
-
-def save_run(run: DistillationRun, batches) -> Path:
-    state = {
-        "step": run.step,
-        "data": batches.state(),
-        "student": run.distiller.student.state_dict(),
-        "optimizer": run.optimizer.state_dict(),
-        "scheduler": run.scheduler.state_dict(),
-        "rng": ckpt.capture_rng_state(),
-        "architecture": run.architecture,
-        "config": config_to_dict(run.cfg),
-    }
-    run.last_saved = run.step
-    return ckpt.save_checkpoint(run.run_dir / "checkpoints", run.step, state, keep=run.cfg.checkpoint.keep)
+    run = DistillationRun(cfg, world, run_dir, distiller, optimizer, scheduler, architecture, compiled, parallel)
+    run.set_global_batch(cfg.train.global_batch or cfg.data.batch_size * cfg.train.grad_accum * world.size)
+    return run
 
 
 def metrics_row(run: DistillationRun, sums: dict[str, float], grad_norm: torch.Tensor, lr: float, epoch: int):
     """One metrics.jsonl row from a window's sums; the one place the loop reads the device."""
     steps = sums["steps"]
+    grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP2: a DTensor
     return {
         **{name: sums[name] / steps for name in run.distiller.term_names},
         "lr": lr,
         "grad_norm": grad_norm.item(),
-        "img_per_s": sums.get("images", 0) / sums["seconds"],
+        "img_per_s": sums.get("images", 0) * run.world.size / sums["seconds"],  # all ranks take equal batches
         "data_wait_s": sums["wait"] / steps,
         "skipped_corrupt": int(sums["skipped"]),
         "epoch": epoch,
@@ -245,17 +263,19 @@ def validate(run: DistillationRun, batches: list[torch.Tensor]) -> dict[str, flo
     """Mean loss terms over the held-out batches, the student in eval mode (its running BatchNorm statistics)."""
     distiller, window = run.distiller, StepWindow()
     distiller.eval()
-    for index, images in enumerate(batches):
-        window.add_tensors(distiller(images, step=VALIDATION_STEP, first_index=index * images.shape[0]))
+    # Every rank scores the same batches with the same keys; DDP's wrapper is bypassed (FSDP2's cannot be).
+    with distiller.plain_student() if run.cfg.distributed.strategy == "ddp" else contextlib.nullcontext():
+        for index, images in enumerate(batches):
+            window.add_tensors(distiller(images, step=VALIDATION_STEP, first_index=index * images.shape[0]))
     distiller.train()
     sums = window.pull()
     return {f"val_{name}": sums[name] / len(batches) for name in distiller.term_names}
 
 
-def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger) -> None:
-    cfg, distiller = run.cfg, run.distiller
-    accum, batch_size = cfg.train.grad_accum, cfg.data.batch_size
-    bar = progress_bar(cfg.train.steps, "distill", initial=run.step, enabled=cfg.train.progress)
+def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger | None) -> None:
+    cfg, distiller, world = run.cfg, run.distiller, run.world
+    accum, batch_size = run.accumulation, cfg.data.batch_size
+    bar = progress_bar(cfg.train.steps, "distill", initial=run.step, enabled=cfg.train.progress and world.main)
     profiler = StepProfiler(parse_step_range(cfg.train.profile_steps), run.run_dir / "profile")
     val_batches = held_out_batches(cfg) if cfg.train.val_every else []
     window, first_step = StepWindow(), run.step + 1
@@ -267,8 +287,11 @@ def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger) -> None:
                 wait_start = time.perf_counter()
                 batch = cursor.next()
                 window.add(wait=time.perf_counter() - wait_start, skipped=batch.get("skipped_corrupt", 0))
-                losses = distiller(batch["image"], step=run.step, first_index=micro * batch_size)
-                (losses["loss"] / accum).backward()
+                # The sample keys count over the whole step: micro-batch, then rank, then position.
+                first_index = (micro * world.size + world.rank) * batch_size
+                with gradient_sync(distiller, enabled=micro == accum - 1):
+                    losses = distiller(batch["image"], step=run.step, first_index=first_index)
+                    (losses["loss"] / accum).backward()
                 window.add_tensors(losses, scale=1 / accum)
                 window.add(images=batch["image"].shape[0])
             grad_norm, lr = optimizer_step(distiller, run.optimizer, run.scheduler, cfg.optim.grad_clip)
@@ -282,12 +305,12 @@ def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger) -> None:
                 row.update(first_step_s=window.restart_clock(), compiled=",".join(run.compiled) or "none")
                 row.update(loader=run.loader)
             if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
-                row.update(metrics_row(run, window.pull(), grad_norm, lr, cursor.epoch))
+                row.update(metrics_row(run, window.pull(reduce=world.all_mean), grad_norm, lr, cursor.epoch))
                 run.logged_losses.append(row["loss"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}", refresh=False)
             if cfg.train.val_every and (run.step % cfg.train.val_every == 0 or run.step == cfg.train.steps):
                 row.update(validate(run, val_batches))
-            if row:
+            if row and metrics is not None:
                 metrics.log(run.step, row)
             if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
                 save_run(run, cursor)
@@ -298,31 +321,51 @@ def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger) -> None:
 
 
 def finish_run(run: DistillationRun) -> RunResult:
-    student = run.distiller.student
-    backbone_path = export_backbone(student.backbone, student.model_name, run.run_dir / "backbone.safetensors")
-    curve = plot_loss_curve(
-        run.run_dir / "metrics.jsonl", run.run_dir / "loss_curve.png", keys=("loss", "mse", "at", "ld")
-    )
+    student, path = run.distiller.student, run.run_dir / "backbone.safetensors"
+    backbone = full_backbone(student, run.world)  # a collective under FSDP2, so every rank calls it
+    curve = None
+    if run.world.main:
+        export_backbone(backbone, student.model_name, path)
+        curve = plot_loss_curve(
+            run.run_dir / "metrics.jsonl", run.run_dir / "loss_curve.png", keys=("loss", "mse", "at", "ld")
+        )
     first, final = (run.logged_losses[0], run.logged_losses[-1]) if run.logged_losses else (None, None)
-    return RunResult(run.run_dir, run.step, first, final, backbone_path, curve)
+    return RunResult(run.run_dir, run.step, first, final, path, curve)
 
 
-def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunResult:
+def banner(run: DistillationRun, changes: list[str]) -> str:
+    cfg, world = run.cfg, run.world
+    lines = [
+        f"world: {world.size} rank(s) on {world.device.type}, {run.parallel}; data loader: {run.loader}",
+        f"batch: {cfg.data.batch_size} per micro-batch x {run.accumulation} accumulated x {world.size} rank(s) = "
+        f"global batch {run.global_batch}; optim.lr {cfg.optim.lr:g} applies to the global batch as configured "
+        "(no rescaling with the world size)",
+    ]
+    return "\n".join(lines + [f"resumed: {change}" for change in changes])
+
+
+def run_distillation(cfg: RunConfig, resume: str | bool | None = None, trust_checkpoint: bool = False) -> RunResult:
     """Train the student on the teacher's features as configured; see the module docstring for outputs.
+
+    Under torchrun every rank calls this; the process group is started here and left in step at the end.
 
     Args:
         cfg: the resolved run configuration.
         resume: None/False for a fresh run; True to continue from the newest checkpoint in `cfg.out_dir`;
-            a path (run dir or step_*.pt) to continue from that checkpoint, writing to `cfg.out_dir`.
+            a path (run dir, step_*.pt or step_*.dcp) to continue from that checkpoint, writing to `cfg.out_dir`.
+        trust_checkpoint: load a sharded (FSDP2) checkpoint from outside the run's own checkpoints folder.
     """
-    run = build_run(cfg, resuming=bool(resume))
-    if resume:
-        resume_run(run, resume)
-    atomic_write(run.run_dir / "config.yaml", config_to_yaml(cfg))
-    device = run.distiller.device
-    cursor, run.loader = open_batches(cfg.data, cfg.train.seed, device=device, state=run.data_state)
-    print(f"data loader: {run.loader}", flush=True)
-    metrics = MetricsLogger(run.run_dir, tensorboard=cfg.train.tensorboard)
+    world = init_world(cfg.train.device, cfg.distributed)
+    run = build_run(cfg, world, resuming=bool(resume))
+    changes = resume_run(run, resume, trust_checkpoint) if resume else []
+    cursor, run.loader = open_batches(
+        cfg.data, cfg.train.seed, world.rank, world.size, device=world.device, state=run.data_state
+    )
+    metrics = None
+    if world.main:
+        atomic_write(run.run_dir / "config.yaml", config_to_yaml(cfg))
+        print(banner(run, changes), flush=True)
+        metrics = MetricsLogger(run.run_dir, tensorboard=cfg.train.tensorboard)
     try:
         train_loop(run, cursor, metrics)
     except KeyboardInterrupt:
@@ -331,5 +374,8 @@ def run_distillation(cfg: RunConfig, resume: str | bool | None = None) -> RunRes
             f"{run.run_dir / 'checkpoints'}; continue with --resume"
         ) from None
     finally:
-        metrics.close()
-    return finish_run(run)
+        if metrics is not None:
+            metrics.close()
+    result = finish_run(run)
+    shutdown(world)  # only on success: a failing rank must not wait in a barrier for peers stuck elsewhere
+    return result

@@ -43,11 +43,13 @@ class OptimConfig:
             raise ConfigError("optim.warmup_steps and optim.grad_clip must be >= 0, optim.min_lr_ratio in [0, 1]")
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW or LAMB over `model`'s parameters; timm exempts biases and norm weights from weight decay, as the
     paper's recipes assume. AdamW is torch's fused implementation: one kernel per step, and its step counters
-    live on the parameters' device (the for-loop implementation reads them back with `.item()` every step)."""
-    extra = {"fused": True} if cfg.name == "adamw" else {}
+    live on the parameters' device (the for-loop implementation reads them back with `.item()` every step).
+    `fused=False` takes the foreach implementation instead (FSDP2's sharded DTensor parameters)."""
+    extra = {"fused": True} if fused else {"foreach": True}
+    extra = extra if cfg.name == "adamw" else {}
     return create_optimizer_v2(
         model, opt=cfg.name, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas), **extra
     )
