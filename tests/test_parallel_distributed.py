@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dtengine.parallel.distributed import DistributedConfig, init_world, wrap_student
+from dtengine.parallel.distributed import DistributedConfig, World, init_world, wrap_student
 from dtengine.runtime.checkpoint import load_checkpoint
 from dtengine.runtime.errors import ConfigError
 
@@ -130,6 +130,11 @@ def test_fsdp2_trains_checkpoints_shards_and_resumes(base, tmp_path):
     more = launch(2, *[o for o in sharded if o != "train.steps=2"], "train.steps=3", f"out_dir={run}", "--resume")
     assert more.returncode == 0, more.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / "step_00000003.dcp" / "meta.pt")["step"] == 3
+    # A sharded checkpoint is read with pickle: from another run's folder only when the caller trusts it.
+    elsewhere = [*sharded, "train.steps=4", f"out_dir={tmp_path / 'other'}", f"--resume-from={run}"]
+    refused = launch(2, *elsewhere)
+    assert refused.returncode != 0 and "--trust-checkpoint" in refused.stdout + refused.stderr
+    assert launch(2, *elsewhere, "--trust-checkpoint").returncode == 0
 
 
 def test_without_torchrun_the_run_is_one_process(monkeypatch):
@@ -142,3 +147,9 @@ def test_without_torchrun_the_run_is_one_process(monkeypatch):
 def test_config_rejects_unknown_strategies():
     with pytest.raises(ConfigError, match="distributed.strategy"):
         DistributedConfig(strategy="zero3")
+
+
+def test_sync_batchnorm_is_cuda_only():
+    world = World(rank=0, local_rank=0, size=2, device=torch.device("cpu"))
+    with pytest.raises(ConfigError, match="sync_batchnorm needs CUDA"):
+        wrap_student(None, world, DistributedConfig(sync_batchnorm=True))
