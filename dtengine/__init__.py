@@ -16,8 +16,8 @@ from dtengine.version import __version__ as __version__
 _EXPORTS = {
     "Distiller": "dtengine.distill",
     "TeacherTargets": "dtengine.distill",
-    "RunConfig": "dtengine.train.distillation",
-    "TrainConfig": "dtengine.train.distillation",
+    "RunConfig": "dtengine.train.run_config",
+    "TrainConfig": "dtengine.train.run_config",
     "run_distillation": "dtengine.train.distillation",
     "DTEngineError": "dtengine.runtime.errors",
     "BackendError": "dtengine.runtime.errors",
@@ -35,6 +35,7 @@ _EXPORTS = {
     "DataConfig": "dtengine.data",
     "ShardStream": "dtengine.data",
     "export_backbone": "dtengine.export",
+    "load_backbone": "dtengine.export",
 }
 
 
@@ -48,7 +49,7 @@ def load_config(path=None, overrides=(), schema: type | None = None):
     from dtengine.runtime.config import load_config as load_schema
 
     if schema is None:
-        from dtengine.train.distillation import RunConfig as schema
+        from dtengine.train.run_config import RunConfig as schema
     return load_schema(path, overrides, schema=schema)
 
 

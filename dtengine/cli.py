@@ -1,6 +1,8 @@
 """`dtengine <command>`: parse arguments, build the config, call the component. No logic of its own.
 
-Bad input surfaces as one line on stderr and exit code 2 (a `DTEngineError`); `--debug` shows the traceback.
+Exit codes: 0 finished; 2 bad input or a run that cannot go on (a `DTEngineError`, one line on stderr; `--debug`
+shows the traceback); 130 / 143 a run stopped by SIGINT / SIGTERM after writing its checkpoint (128 + the
+signal: not a success, so schedulers retry it); 1 `check-shards` found broken samples.
 """
 
 from __future__ import annotations
@@ -20,9 +22,14 @@ EXIT_INTERRUPTED = 130
 def _distill(args: argparse.Namespace) -> None:
     from dtengine import load_config
     from dtengine.train.distillation import run_distillation
+    from dtengine.train.run_config import config_for_resume
 
-    cfg = load_config(args.config, args.overrides)
-    result = run_distillation(cfg, resume=args.resume_from or args.resume, trust_checkpoint=args.trust_checkpoint)
+    resume, changes = args.resume_from or args.resume, []
+    if resume:  # the run's own settings, with what this command changes listed (and checked)
+        cfg, changes = config_for_resume(args.config, args.overrides, resume, args.allow_change or [])
+    else:
+        cfg = load_config(args.config, args.overrides)
+    result = run_distillation(cfg, resume=resume, trust_checkpoint=args.trust_checkpoint, changes=changes)
     if os.environ.get("RANK", "0") != "0":  # under torchrun, rank 0 speaks for the job
         return
     print(f"run directory: {result.run_dir}")
@@ -100,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume-from", metavar="CHECKPOINT", help="continue from this run dir or step_*.pt, writing to out_dir"
     )
     distill.add_argument(
+        "--allow-change", action="append", metavar="KEY",
+        help="on resume, allow changing this setting (a key, or a section such as optim.) of the run's config",
+    )  # fmt: skip
+    distill.add_argument(
         "--trust-checkpoint", action="store_true",
         help="load a sharded (FSDP2) checkpoint from outside the run's checkpoints folder (read with pickle)",
     )  # fmt: skip
@@ -137,19 +148,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _quiet_third_party_warnings() -> None:
+    """Third-party deprecation chatter (e.g. xformers built for another torch) buries our own output; dtengine's
+    own warnings (too few shards, a checkpoint skipped, a lock taken over) still show."""
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    warnings.filterwarnings("default", category=UserWarning, module=r"dtengine(\.|$)")
+    warnings.filterwarnings("default", category=UserWarning, message=r"(skipping checkpoint|took over the lock)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from dtengine.train.stopping import RunStopped
+
     args = build_parser().parse_args(argv)
     if not args.debug:
-        # Third-party deprecation chatter (e.g. xformers built for another torch) buries our own output.
-        warnings.filterwarnings("ignore", category=UserWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
+        _quiet_third_party_warnings()
     try:
         code = args.func(args)
     except DTEngineError as err:
         if args.debug:
             raise
-        print(f"dtengine {args.command}: error: {err}", file=sys.stderr)
+        print(
+            f"\ndtengine {args.command}: error: {err}"
+            if sys.stderr.isatty()
+            else f"dtengine {args.command}: error: {err}",
+            file=sys.stderr,
+        )  # fmt: skip  (a tty may hold a bar)
         return EXIT_BAD_INPUT
+    except RunStopped as stopped:
+        print(f"dtengine {args.command}: {stopped}", file=sys.stderr)
+        return stopped.exit_code
     except KeyboardInterrupt as err:
         print(f"dtengine {args.command}: {err or 'interrupted'}", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -225,4 +225,6 @@ class Distiller(nn.Module):
             step, self._calls = self._calls, self._calls + 1
         images, noise = self.inputs(images, SampleKeys(self.seed, step, first_index))
         targets = self.teacher_targets(images, noise)
+        # Read by the loop's non-finite guard at its boundaries (a bf16 teacher can overflow), never here.
+        self.teacher_finite = torch.stack([feature.isfinite().all() for feature in targets.features]).all()
         return self.student_losses(targets.images, targets)

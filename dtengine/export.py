@@ -9,6 +9,10 @@ load it with every key matched. `features_only` models rename the first level of
 children (`stages.0` -> `stages_0`); the mapping back is checked key by key. Weights the feature extractor
 does not contain (e.g. a ConvNeXt's head norm) are taken from a fresh initialisation and listed in the file's
 metadata under "untrained_keys".
+
+timm's loader matches keys leniently: a resnet18 file given to `resnet34` loads what fits and leaves the rest
+random without a word. The file records its architecture (metadata "timm_model", and `backbone.json`), and
+`load_backbone` builds exactly that model and loads every key strictly, refusing any other architecture.
 """
 
 from __future__ import annotations
@@ -18,9 +22,11 @@ from pathlib import Path
 
 import timm
 import torch
-from safetensors.torch import save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save
 from torch import nn
 
+from dtengine.runtime.errors import StudentError
 from dtengine.runtime.io import atomic_write
 
 
@@ -72,8 +78,51 @@ def export_backbone(backbone: nn.Module, model_name: str, path: Path) -> Path:
         "timm_model": model_name,
         "file": path.name,
         "untrained_keys": untrained,
-        "load": f"timm.create_model('{model_name}', pretrained=True, num_classes=0, "
-        f"pretrained_cfg_overlay=dict(file='{path.name}'))",
+        "load": f"dtengine.load_backbone('{path.name}', model_name='{model_name}')",
+        "load_with_timm": f"timm.create_model('{model_name}', pretrained=True, num_classes=0, "
+        f"pretrained_cfg_overlay=dict(file='{path.name}'))  # with this exact model name: timm does not check it",
     }
     atomic_write(path.with_suffix(".json"), json.dumps(note, indent=2))
     return path
+
+
+def load_backbone(path: str | Path, model_name: str | None = None, features_only: bool = False, **timm_kwargs):
+    """The timm model an exported file holds, every weight loaded (see the module docstring).
+
+    Args:
+        path: a `backbone.safetensors` written by `export_backbone`.
+        model_name: the architecture you expect; a file of another one is refused. None: the file's own.
+        features_only: a `features_only=True` model (multi-scale feature maps) instead of the headless one.
+        timm_kwargs: passed to `timm.create_model` (e.g. out_indices).
+    Raises:
+        StudentError: a missing or unreadable file, one without a recorded architecture, or another architecture.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise StudentError(f"backbone file '{path}' does not exist; pass the backbone.safetensors a run exported")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            recorded = (handle.metadata() or {}).get("timm_model")
+        state = load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise StudentError(f"'{path}' is not a readable safetensors file ({err}); pass an exported backbone") from None
+    if recorded is None:
+        raise StudentError(f"'{path}' records no timm architecture (not a dtengine export); load it with timm itself")
+    if model_name is not None and model_name != recorded:
+        raise StudentError(
+            f"'{path}' holds a {recorded} backbone, not {model_name}; load it as {recorded} (or leave model_name out)"
+        )
+    headless = timm.create_model(recorded, pretrained=False, num_classes=0, **timm_kwargs)
+    missing, unexpected = headless.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise StudentError(
+            f"'{path}' does not fit timm '{recorded}' ({len(missing)} missing, {len(unexpected)} unexpected keys, "
+            f"e.g. {(missing or unexpected)[0]}); export it again with this timm version"
+        )
+    if not features_only:
+        return headless
+    features = timm.create_model(recorded, features_only=True, pretrained=False, **timm_kwargs)
+    feature_keys = set(features.state_dict())
+    mapped = {target: state[key] for key in state if (target := _features_key(key, feature_keys)) is not None}
+    features.load_state_dict(mapped, strict=True)
+    return features

@@ -77,7 +77,10 @@ def test_teacher_dir_that_is_not_diffusers(capsys, tiny_run_overrides, tmp_path)
 def test_resume_different_architecture(capsys, tiny_run_overrides):
     assert run_cli(capsys, "distill", *tiny_run_overrides, "train.steps=2")[0] == 0
     code, _, err = run_cli(capsys, "distill", "--resume", *tiny_run_overrides, "student.model=resnet34")
-    assert_one_line_error(code, err, "checkpoint was written for")
+    assert_one_line_error(code, err, "student.model: 'resnet18' -> 'resnet34'", "--allow-change student.model")
+    allowed = ("--allow-change", "student.model", "--allow-change", "train.steps")
+    code, _, err = run_cli(capsys, "distill", "--resume", *allowed, *tiny_run_overrides, "student.model=resnet34")
+    assert_one_line_error(code, err, "checkpoint was written for")  # allowed, but the weights cannot fit
 
 
 def test_corrupt_jpeg_fails_or_is_skipped_and_counted(capsys, tiny_run_overrides, shards_with_corrupt_jpeg, tmp_path):
@@ -134,3 +137,23 @@ def test_check_shards_reports_and_fixes(capsys, shards_with_corrupt_jpeg):
     assert code == 0 and "(removed)" in out and "rewrote 1 shards" in out
     code, out, _ = run_cli(capsys, "check-shards", shards_with_corrupt_jpeg)
     assert code == 0 and "1 shards, 11 samples: 0 broken, 0 unreadable shards" in out
+
+
+def test_check_shards_reports_an_empty_tar_and_a_text_file_named_tar(capsys, tmp_path):
+    import tarfile
+
+    with tarfile.open(tmp_path / "s-000000.tar", "w"):
+        pass
+    (tmp_path / "s-000001.tar").write_text("just some notes\n" * 40)
+    code, out, _ = run_cli(capsys, "check-shards", str(tmp_path / "s-{000000..000001}.tar"))
+    assert code == 1
+    assert "s-000000.tar: unreadable (holds no samples" in out
+    assert "s-000001.tar: unreadable (" in out and "is not a tar archive" in out
+    assert "2 shards, 0 samples: 0 broken, 2 unreadable shards" in out
+
+
+def test_resume_from_an_exported_backbone_says_what_it_is(capsys, tiny_run_overrides, tmp_path):
+    assert run_cli(capsys, "distill", *tiny_run_overrides, "train.steps=2")[0] == 0
+    backbone = tmp_path / "run" / "backbone.safetensors"
+    code, _, err = run_cli(capsys, "distill", "--resume-from", str(backbone), f"out_dir={tmp_path / 'next'}")
+    assert_one_line_error(code, err, "is an exported backbone, not a training checkpoint")

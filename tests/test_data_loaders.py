@@ -210,3 +210,17 @@ def test_dali_decodes_on_the_gpu_into_channels_last_batches(dali_batches, tmp_pa
     assert on_gpu.is_cuda and on_gpu.is_contiguous(memory_format=torch.channels_last)
     on_cpu = dali_batches(data, seed=0).next()["image"].float()
     assert (on_gpu.cpu().float() - on_cpu).abs().mean() <= 2.0  # nvJPEG and libjpeg-turbo round differently
+
+
+@pytest.mark.parametrize("loader", ["wds", "dali", "synthetic"])
+def test_every_loader_says_how_many_samples_an_epoch_leaves_unused(tiny_shards, loader):
+    if loader == "dali":
+        pytest.importorskip("nvidia.dali")
+    # 48 samples (3 shards of 16) in batches of 5 on 2 ranks. DALI splits samples: 24 each, 4 full batches each,
+    # 8 unused. wds splits shards: 32 and 16, so both stop at the 3 batches of the smaller, 18 unused. Synthetic
+    # batches have no epoch to leave anything out of.
+    unused = []
+    for rank in range(2):
+        batches, _ = open_batches(cfg(tiny_shards, batch_size=5, loader=loader), seed=0, rank=rank, world_size=2)
+        unused.append(batches.unused_per_epoch())
+    assert unused == {"wds": [18, 18], "dali": [8, 8], "synthetic": [0, 0]}[loader]

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import pickle
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dtengine import load_config
+from dtengine.cli import main
 from dtengine.data import write_shards
 from dtengine.eval.command import add_eval_command
 from dtengine.runtime.errors import CheckpointError, DataError, DTEngineError
@@ -160,3 +164,23 @@ def test_shards_without_labels_are_refused(tiny_run, tiny_eval_overrides, tmp_pa
     with pytest.raises(DataError) as err:
         dispatch("--checkpoint", str(tiny_run), *tiny_eval_overrides, f"data.train_shards={tmp_path}/plain-*.tar")
     assert "has no 'seg.png' label" in one_line(err.value)
+
+
+def test_a_crafted_pickle_given_to_eval_and_to_resume_runs_no_code(tiny_run, tiny_eval_overrides, tmp_path, capsys):
+    """The file's pickle would run a shell command; both commands refuse it in one line and the command never runs."""
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    crafted = run / "checkpoints" / "step_00000002.pt"
+    crafted.write_bytes(pickle.dumps({"format_version": 4, "student": Exploit()}))
+    with pytest.raises(CheckpointError) as err:
+        dispatch("--checkpoint", str(crafted), *tiny_eval_overrides)
+    assert "a safe (weights_only) load refuses" in one_line(err.value)
+    assert main(["distill", "--resume-from", str(crafted), f"out_dir={tmp_path / 'resumed'}"]) == 2
+    assert "a safe (weights_only) load refuses" in one_line(capsys.readouterr().err.strip())
+    assert not marker.exists()

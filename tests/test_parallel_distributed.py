@@ -86,11 +86,12 @@ def test_resume_across_world_sizes(base, tmp_path):
     """2 -> 1 and 1 -> 2 ranks: the run continues, keeps its global batch, and says what changed."""
     first = launch(2, *base, "data.batch_size=2", "train.steps=2", "checkpoint.every=1", f"out_dir={tmp_path / 'a'}")
     assert first.returncode == 0, first.stderr[-3000:]
-    down = launch(1, *base, "data.batch_size=2", "train.steps=4", f"out_dir={tmp_path / 'a'}", "--resume")
+    longer = ("--resume", "--allow-change", "train.steps")  # each resume goes on for 2 more steps
+    down = launch(1, *base, "data.batch_size=2", "train.steps=4", f"out_dir={tmp_path / 'a'}", *longer)
     assert down.returncode == 0, down.stderr[-3000:]
     assert "world size 2 -> 1" in down.stdout and "x 2 accumulated x 1 rank(s) = global batch 4" in down.stdout
     assert load_checkpoint(tmp_path / "a")["step"] == 4
-    up = launch(2, *base, "data.batch_size=2", "train.steps=6", f"out_dir={tmp_path / 'a'}", "--resume")
+    up = launch(2, *base, "data.batch_size=2", "train.steps=6", f"out_dir={tmp_path / 'a'}", *longer)
     assert up.returncode == 0, up.stderr[-3000:]
     assert "world size 1 -> 2" in up.stdout and load_checkpoint(tmp_path / "a")["step"] == 6
 
@@ -127,11 +128,14 @@ def test_fsdp2_trains_checkpoints_shards_and_resumes(base, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     assert "FSDP2 over 2 ranks" in first.stdout and (run / "checkpoints" / "step_00000002.dcp" / "meta.pt").is_file()
     assert (run / "backbone.safetensors").is_file()
-    more = launch(2, *[o for o in sharded if o != "train.steps=2"], "train.steps=3", f"out_dir={run}", "--resume")
+    longer = ("--allow-change", "train.steps")
+    more = launch(
+        2, *[o for o in sharded if o != "train.steps=2"], "train.steps=3", f"out_dir={run}", "--resume", *longer
+    )
     assert more.returncode == 0, more.stderr[-3000:]
     assert load_checkpoint(run / "checkpoints" / "step_00000003.dcp" / "meta.pt")["step"] == 3
     # A sharded checkpoint is read with pickle: from another run's folder only when the caller trusts it.
-    elsewhere = [*sharded, "train.steps=4", f"out_dir={tmp_path / 'other'}", f"--resume-from={run}"]
+    elsewhere = [*sharded, "train.steps=4", f"out_dir={tmp_path / 'other'}", f"--resume-from={run}", *longer]
     refused = launch(2, *elsewhere)
     assert refused.returncode != 0 and "--trust-checkpoint" in refused.stdout + refused.stderr
     assert launch(2, *elsewhere, "--trust-checkpoint").returncode == 0

@@ -1,8 +1,14 @@
-"""runtime/: checkpoints (weights_only, RNG states as tensors, format errors), atomic io, step windows, RNG helpers."""
+"""runtime/: checkpoints (weights_only, RNG states as tensors, format errors, checksums), atomic io, the folder
+lock, strict metrics, step windows, RNG helpers."""
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import subprocess
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -12,8 +18,8 @@ from dtengine.runtime import checkpoint as ckpt
 from dtengine.runtime.config import config_from_dict
 from dtengine.runtime.device import SampleKeys, keyed_normal, resolve_device, resolve_precision, seeded
 from dtengine.runtime.errors import CheckpointError, ConfigError, OutputDirError
-from dtengine.runtime.io import atomic_folder, atomic_write, prepare_output_dir
-from dtengine.runtime.logging import StepWindow
+from dtengine.runtime.io import FolderLock, atomic_folder, atomic_write, prepare_output_dir
+from dtengine.runtime.logging import MetricsLogger, StepWindow
 from dtengine.teachers import TeacherConfig
 
 
@@ -27,7 +33,7 @@ def test_rng_states_round_trip_through_a_weights_only_checkpoint(tmp_path):
     path = ckpt.save_checkpoint(tmp_path, 7, {"rng": ckpt.capture_rng_state(), "step": 7}, keep=2)
     want = draws()
     state = ckpt.load_checkpoint(path)  # weights_only=True inside
-    assert state["format_version"] == ckpt.FORMAT_VERSION and state["step"] == 7
+    assert state["step"] == 7
     ckpt.restore_rng_state(state["rng"])
     assert draws() == want
 
@@ -121,3 +127,83 @@ def test_config_from_dict_names_the_bad_key():
     assert config_from_dict({"timestep": 7}, schema=TeacherConfig).timestep == 7
     with pytest.raises(ConfigError, match="the run's teacher config is invalid: unknown config key 'timestpe'"):
         config_from_dict({"timestpe": 7}, schema=TeacherConfig, what="the run's teacher config")
+
+
+def test_a_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tmp_path):
+    for step in (1, 2):
+        ckpt.save_checkpoint(tmp_path, step, {"step": step, "w": torch.full((64,), float(step))}, keep=3)
+    newest = ckpt.checkpoint_path(tmp_path, 2)
+    data = bytearray(newest.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the payload
+    newest.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="corrupt|unreadable"):
+        ckpt.load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="skipping checkpoint 'step_00000002.pt'"):
+        state, path = ckpt.load_newest_checkpoint(tmp_path)
+    assert state["step"] == 1 and path.name == "step_00000001.pt"
+    newest.write_bytes(newest.read_bytes()[:100])  # torn by a crash
+    with pytest.warns(UserWarning):
+        assert ckpt.load_newest_checkpoint(tmp_path)[0]["step"] == 1
+
+
+def test_a_crafted_pickle_runs_no_code(tmp_path):
+    """A checkpoint whose pickle would run a command: refused with a one-line error, the command never runs."""
+    import pickle
+
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    crafted = tmp_path / "step_00000001.pt"
+    crafted.write_bytes(pickle.dumps({"format_version": ckpt.FORMAT_VERSION, "x": Exploit()}))
+    with pytest.raises(CheckpointError) as caught:
+        ckpt.load_checkpoint(crafted)
+    assert "\n" not in str(caught.value) and not marker.exists()
+    torch.save({"student": Exploit()}, crafted)  # the same inside torch's zip format
+    with pytest.raises(CheckpointError):
+        ckpt.load_checkpoint(crafted)
+    assert not marker.exists()
+
+
+def test_metrics_are_strict_json_and_repaired_on_resume(tmp_path):
+    metrics = MetricsLogger(tmp_path, tensorboard=False)
+    for step in (1, 2, 3):
+        metrics.log(step, {"loss": float("nan") if step == 2 else 0.5, "grad_norm": torch.tensor(float("inf"))})
+    metrics.close()
+    with (tmp_path / "metrics.jsonl").open("a") as handle:
+        handle.write('{"step": 4, "loss": 0.')  # killed mid-line
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()[:3]]
+    assert rows[1] == {"step": 2, "loss": None, "grad_norm": None}
+
+    MetricsLogger(tmp_path, tensorboard=False, resume_step=2).close()  # resumed from step 2's checkpoint
+    kept = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kept == [1, 2]
+
+    MetricsLogger(tmp_path, tensorboard=False).close()  # a fresh run: the old rows are moved aside, not appended to
+    assert not (tmp_path / "metrics.jsonl").exists()
+    (moved,) = tmp_path.glob("metrics.before-*.jsonl")
+    assert len(moved.read_text().splitlines()) == 2
+
+
+def test_folder_lock_refuses_a_live_holder_and_takes_over_a_dead_ones(tmp_path):
+    lock = FolderLock(tmp_path).acquire()
+    holder = subprocess.run(
+        [sys.executable, "-c", f"from dtengine.runtime.io import FolderLock; FolderLock({str(tmp_path)!r}).acquire()"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert f"is in use by another dtengine run (pid {os.getpid()} on" in holder.stderr
+    lock.release()
+
+    # A run killed while holding the lock leaves its note behind; the kernel has released the flock itself.
+    subprocess.run(
+        [sys.executable, "-c", f"import os; from dtengine.runtime.io import FolderLock; "
+         f"FolderLock({str(tmp_path)!r}).acquire(); os._exit(9)"],
+        check=False,
+    )  # fmt: skip
+    with pytest.warns(UserWarning, match=r"took over the lock .* left by a run that is gone \(pid \d+ on"):
+        FolderLock(tmp_path).acquire().release()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # released cleanly: no warning the next time
+        FolderLock(tmp_path).acquire().release()

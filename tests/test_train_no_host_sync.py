@@ -1,5 +1,6 @@
 """The hot loop never reads a tensor on the host: `.item()`, `bool()`, `float()` and `.tolist()` raise inside it,
-except where the loop is meant to read (the metrics row every `log_every` steps, checkpoint saving) and in the
+except where the loop is meant to read (the metrics row every `log_every` steps, the non-finite flags at those
+boundaries, checkpoint saving) and in the
 data loader, whose tensors are host tensors by design (DataLoader draws its worker seed with `.item()`)."""
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def test_five_steps_without_a_host_sync_outside_logging(monkeypatch, tiny_run_ov
     guard = HostSyncGuard(monkeypatch)
     monkeypatch.setattr(distillation, "metrics_row", guard.allow(distillation.metrics_row))
     monkeypatch.setattr(distillation, "save_run", guard.allow(distillation.save_run))
+    monkeypatch.setattr(distillation, "check_finite", guard.allow(distillation.check_finite))
     monkeypatch.setattr(StepWindow, "pull", guard.allow(StepWindow.pull))
     monkeypatch.setattr(BatchCursor, "next", guard.allow(BatchCursor.next))
     real_loop = distillation.train_loop
@@ -71,8 +73,10 @@ def test_five_steps_without_a_host_sync_outside_logging(monkeypatch, tiny_run_ov
     cfg = load_config(None, [*tiny_run_overrides, "train.steps=5", "train.log_every=5", *mode_overrides])
     result = distillation.run_distillation(cfg)
     assert result.steps == 5 and torch.isfinite(torch.tensor(result.final_loss))
-    # The guard was live: the loop did read the device, but only in the allowed places, once for logging.
+    # The guard was live: the loop did read the device, but only in the allowed places, once for logging; the
+    # non-finite flags at that boundary and before each of the 3 checkpoints (steps 2, 4, 5).
     assert guard.calls.count("metrics_row") == 1 and "pull" in guard.calls
+    assert guard.calls.count("check_finite") == 1 + 3
 
 
 def test_the_guard_catches_a_sync():

@@ -48,6 +48,8 @@ def check_shards(pattern: str, fix: bool = False, progress: bool = True) -> list
                     check.broken.append((sample["__key__"], f"{bad.what}: {bad.detail}"))
         except DataError as err:
             check.unreadable = str(err)
+        if check.samples == 0 and not check.unreadable:
+            check.unreadable = "holds no samples (a tar with no files in it); remove it or re-create it"
         if fix and check.broken and not check.unreadable:
             if not good:
                 raise DataError(f"every sample of shard '{shard}' is broken; delete the shard instead")

@@ -22,6 +22,7 @@ pipeline's own checkpoint (`enable_checkpointing=True`) is part of `state()`. DA
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -123,6 +124,24 @@ def _shards_have_labels(shards: list[str]) -> bool:
     return "seg.png" in first[0::4] and "cls" in first[0::4]
 
 
+_DALI_NOISE = ("Critical error in pipeline:", "Current pipeline object is no longer valid.", "encountered:")
+
+
+def _dali_reason(err: Exception) -> str:
+    """The line of a DALI error that says what went wrong, without its pipeline traceback, stack trace, source
+    locations and boilerplate (DALI's messages run to a dozen lines)."""
+    lines = [line.strip() for line in str(err).splitlines()]
+    if "encountered:" in lines:  # "Error in CPU operator ... with the following traceback: ... encountered: <why>"
+        lines = lines[lines.index("encountered:") + 1 :]
+    for line in lines:
+        if line.startswith("Stacktrace"):
+            break
+        line = re.sub(r"\[/[^\]]*\]\s*", "", line).strip()  # "[/opt/dali/....cc:123] "
+        if line and line not in _DALI_NOISE and not re.match(r"File |which was used|Error in \w+ operator", line):
+            return line[:200]
+    return type(err).__name__
+
+
 class DaliBatches:
     """Endless batches from DALI, epoch after epoch, the same number on every rank.
 
@@ -154,6 +173,10 @@ class DaliBatches:
         # Reader batches per DALI epoch for this rank (the last one padded); those past `sizes.batches` are dropped.
         self.reader_batches = -(-self.sizes.per_rank[rank] // cfg.batch_size)
 
+    def unused_per_epoch(self) -> int:
+        """Samples of an epoch no rank's batches take (each rank stops at the fewest full batches of any)."""
+        return sum(self.sizes.per_rank) - self.sizes.batches * self.cfg.batch_size * len(self.sizes.per_rank)
+
     def _run(self):
         try:
             return self.pipeline.run()
@@ -162,6 +185,8 @@ class DaliBatches:
 
     def _explain(self, err: RuntimeError) -> DataError:
         for sample in read_shards({"url": url} for url in self.shards):
+            if not self.labels:  # only what DALI reads: a bad label map or class it never saw did not stop it
+                sample = {key: value for key, value in sample.items() if key not in ("seg.png", "cls")}
             try:
                 load_sample(sample, self.cfg.image_size)
             except CorruptSample as bad:
@@ -170,8 +195,10 @@ class DaliBatches:
                     f"'{sample['__url__']}' ({bad.detail}); DALI cannot skip it: run `dtengine check-shards --fix "
                     f"{self.cfg.shards}` or use data.loader=wds (which skips and counts)"
                 )
-        first = (str(err).strip().splitlines() or ["unknown error"])[-1]
-        return DataError(f"DALI pipeline failed ({first}); try data.loader=wds")
+        return DataError(
+            f"DALI pipeline failed ({_dali_reason(err)}); check the shards with `dtengine check-shards "
+            f"{self.cfg.shards}` or try data.loader=wds"
+        )
 
     def _to_torch(self, output) -> torch.Tensor:
         """A batch output as a tensor of its own (DALI reuses its buffers at the next run)."""

@@ -9,12 +9,23 @@ A `Crop` says how an image becomes a square of `size`:
 JPEGs are decoded at the smallest 1/2^k scale that still covers the output (PIL `draft`). The label map (if any)
 gets the same geometry with nearest-neighbour resampling so labels stay exact. Anything that fails to decode
 raises `CorruptSample`, which the pipeline either counts and drops or turns into a `DataError`.
+
+Every image becomes 8-bit RGB, upright (`rgb_image`, `_decode_rgb`):
+
+    16-bit          ("I;16", "I;16B", "I", ...) scaled to 8 bits (value >> 8), never clipped at 255
+    transparency    RGBA, LA, PA, palette or colour-keyed: composited on white
+    CMYK / YCCK     JPEGs converted by PIL (which honours Adobe's inverted CMYK)
+    EXIF rotation   orientation 2..8 applied (JPEG: read from the APP1 "Exif" segment, so the fast path stays)
+    too large       more than PIL's limit (2 x `Image.MAX_IMAGE_PIXELS`): "image too large: W x H pixels"
+
+Label maps are class ids and are never converted.
 """
 
 import io
 import math
 import random
 import re
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +39,20 @@ IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 
 _LABEL_MODES = ("L", "P", "I", "I;16")  # single-channel modes whose pixel values are class ids
 CROPS = ("center", "random_resized")
+_WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit (or 32-bit integer) single-channel modes
+_ALPHA_MODES = ("RGBA", "LA", "PA", "La", "RGBa")
+_PIL_JPEG_COLORSPACES = ("CMYK", "YCCK")  # JPEGs for PIL, which knows whether Adobe's CMYK is inverted
+_ORIENTATION_TAG = 0x0112
+# EXIF orientation -> the transpose that makes the image upright (as `PIL.ImageOps.exif_transpose` does).
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
 
 
 @dataclass(frozen=True)
@@ -83,47 +108,184 @@ class CorruptSample(Exception):
 class LoadedSample:
     """A sample with every entry decoded, before resizing."""
 
-    image: np.ndarray  # (H, W, 3) uint8, possibly decoded at a reduced scale
-    full_size: tuple[int, int]  # (width, height) of the image at full scale
+    image: np.ndarray  # (H, W, 3) uint8, upright, possibly decoded at a reduced scale
+    full_size: tuple[int, int]  # (width, height) of the upright image at full scale
     seg: Image.Image | None
     cls: int | None
 
 
 def _one_line(err: Exception) -> str:
     """First line of an error message, without PIL's "<_io.BytesIO object at 0x...>" noise."""
-    lines = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-f]+>", "", str(err)).strip().splitlines()
+    lines = re.sub(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>", "", str(err)).strip().splitlines()
     return lines[0] if lines else type(err).__name__
 
 
+class ImageTooLarge(Exception):
+    """An image over PIL's decompression-bomb limit; the message is the one-line reason."""
+
+    def __init__(self, width: int, height: int):
+        limit = 2 * (Image.MAX_IMAGE_PIXELS or 0)
+        super().__init__(f"image too large: {width} x {height} pixels (the limit is {limit:,} pixels)")
+
+
+def _check_pixels(width: int, height: int) -> None:
+    """Refuse what PIL refuses: more than twice `Image.MAX_IMAGE_PIXELS` (None: no limit)."""
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > 2 * Image.MAX_IMAGE_PIXELS:
+        raise ImageTooLarge(width, height)
+
+
+def _declared_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) an encoded image's header declares, read without PIL's size check; None if unknown."""
+    prefix = data[:16]
+    for name in Image.ID:
+        factory, accept = Image.OPEN[name]
+        try:
+            if accept is None or accept(prefix) is True:
+                return factory(io.BytesIO(data), "").size
+        except Exception:  # not this format, or a broken header: try the next
+            continue
+    return None
+
+
+def image_error(err: Exception, data: bytes) -> str:
+    """One readable line saying why `data` could not be decoded into an image (no traceback, no object ids)."""
+    if isinstance(err, Image.DecompressionBombError):
+        size = _declared_size(data)
+        if size is not None:
+            return str(ImageTooLarge(*size))
+        return f"image too large: {_one_line(err)}"
+    return _one_line(err)
+
+
+def _jpeg_orientation(data: bytes) -> int:
+    """EXIF orientation (1..8) of a JPEG, 1 without one: walks only the segments before the scan, and parses EXIF
+    only when an APP1 "Exif" segment is there (most JPEGs have none, or orientation 1)."""
+    pos = 2
+    while pos + 4 <= len(data) and data[pos] == 0xFF:
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD9, 0xDA) or 0xD0 <= marker <= 0xD7 or marker == 0x01:  # EOI, SOS, standalone markers
+            return 1
+        length = int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xE1 and data[pos + 4 : pos + 10] == b"Exif\x00\x00":
+            try:
+                with warnings.catch_warnings():  # PIL warns about broken EXIF, once per image: not worth a line
+                    warnings.simplefilter("ignore")
+                    exif = Image.Exif()
+                    exif.load(data[pos + 4 : pos + 2 + length])
+                    return _valid_orientation(exif.get(_ORIENTATION_TAG))
+            except Exception:  # broken EXIF: the pixels are still fine, take them as they are
+                return 1
+        if length < 2:
+            return 1
+        pos += 2 + length
+    return 1
+
+
+def _valid_orientation(value) -> int:
+    return value if isinstance(value, int) and 2 <= value <= 8 else 1
+
+
+def exif_orientation(image: Image.Image) -> int:
+    """EXIF orientation (1..8) of an opened image (PNG: after `load()`, its EXIF may follow the pixels)."""
+    try:
+        with warnings.catch_warnings():  # PIL warns about broken EXIF, once per image: not worth a line
+            warnings.simplefilter("ignore")
+            return _valid_orientation(image.getexif().get(_ORIENTATION_TAG))
+    except Exception:  # broken EXIF: the pixels are still fine, take them as they are
+        return 1
+
+
+def _oriented(size: tuple[int, int], orientation: int) -> tuple[int, int]:
+    """(width, height) after applying `orientation` (5..8 swap them; the swap is its own inverse)."""
+    return (size[1], size[0]) if orientation >= 5 else size
+
+
+def _upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, 3) pixels transposed as the EXIF `orientation` says (contiguous; unchanged for orientation 1)."""
+    if orientation == 1:
+        return pixels
+    flipped = {
+        2: lambda a: a[:, ::-1],
+        3: lambda a: a[::-1, ::-1],
+        4: lambda a: a[::-1],
+        5: lambda a: a.transpose(1, 0, 2),
+        6: lambda a: np.rot90(a, -1),
+        7: lambda a: a.transpose(1, 0, 2)[::-1, ::-1],
+        8: lambda a: np.rot90(a, 1),
+    }[orientation](pixels)
+    return np.ascontiguousarray(flipped)
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """The image turned as its EXIF orientation says (a PIL image; see `_upright` for arrays)."""
+    orientation = exif_orientation(image)
+    return image.transpose(_UPRIGHT[orientation]) if orientation != 1 else image
+
+
+def rgb_image(image: Image.Image) -> Image.Image:
+    """8-bit RGB version of a decoded image: 16-bit values scaled (>> 8, not clipped), transparent areas (alpha,
+    palette or colour-key transparency) composited on white, anything else (L, P, CMYK, ...) converted by PIL."""
+    if image.mode in _WIDE_MODES:
+        values = np.asarray(image)
+        image = Image.fromarray((np.clip(values, 0, 65535) >> 8).astype(np.uint8))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
 def _decode_rgb(data: bytes, draft_size) -> tuple[np.ndarray, tuple[int, int]]:
-    """(pixels (H, W, 3) uint8, full (width, height)) of an encoded image.
+    """(pixels (H, W, 3) uint8, full (width, height)) of an encoded image, upright (EXIF orientation applied).
 
     JPEGs are decoded at the smallest 1/2^k scale that still covers the size asked for (a callable gets the full
     size and returns it): much faster for large photos, and every byte of entropy-coded data is still read, so
     damage is still found. They go through libjpeg-turbo directly (simplejpeg): the same pixels as PIL's decoder
     (which uses the same library and settings) in about 55 % of its time, with no copy out of a PIL image. Other
-    formats, and JPEGs it cannot take (CMYK, say), go through PIL.
+    formats, CMYK / YCCK JPEGs, and JPEGs it cannot take go through PIL. The size asked for, and the full size
+    returned, are those of the upright image.
+
+    Raises:
+        ImageTooLarge: over PIL's pixel limit. Anything else PIL or simplejpeg raise for bad data.
     """
     if data[:3] == b"\xff\xd8\xff":
         try:
-            height, width, _, _ = simplejpeg.decode_jpeg_header(data)
-            wanted_width, wanted_height = draft_size(width, height) if callable(draft_size) else draft_size
+            height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        except ValueError:
+            colorspace = None  # PIL decodes what it can, and names what is broken
+        if colorspace is not None and colorspace not in _PIL_JPEG_COLORSPACES:
+            _check_pixels(width, height)
+            orientation = _jpeg_orientation(data)
+            full = _oriented((width, height), orientation)
+            wanted = draft_size(*full) if callable(draft_size) else draft_size
+            wanted_width, wanted_height = _oriented(wanted, orientation)
             # PIL's draft rule: the largest of 1/8, 1/4, 1/2, 1 that still covers the size (libjpeg-turbo would
             # also take other n/8 scales, which PIL never uses: keep the two decoders' pixels identical).
             reduce = max(
                 (r for r in (8, 4, 2, 1) if r <= min(width // wanted_width, height // wanted_height)), default=1
             )
-            pixels = simplejpeg.decode_jpeg(
-                data, colorspace="RGB", min_width=-(-width // reduce), min_height=-(-height // reduce)
-            )
-            return pixels, (width, height)
-        except ValueError:
-            pass  # PIL decodes what it can, and names what is broken
+            try:
+                pixels = simplejpeg.decode_jpeg(
+                    data, colorspace="RGB", min_width=-(-width // reduce), min_height=-(-height // reduce)
+                )
+                return _upright(pixels, orientation), full
+            except ValueError:
+                draft_size = wanted  # PIL decodes what it can, and names what is broken (asked once: it may draw)
     image = Image.open(io.BytesIO(data))
-    full = image.size
-    image.draft("RGB", draft_size(*full) if callable(draft_size) else draft_size)
-    image.load()
-    return np.array(image if image.mode == "RGB" else image.convert("RGB")), full
+    jpeg = image.format in ("JPEG", "MPO")  # MPO: a camera's JPEG with more pictures after the first
+    if not jpeg:
+        image.load()  # before reading EXIF: a PNG's may follow the pixels (JPEGs load after `draft`, below)
+    orientation = _jpeg_orientation(data) if jpeg else exif_orientation(image)
+    full = _oriented(image.size, orientation)
+    wanted = draft_size(*full) if callable(draft_size) else draft_size
+    if jpeg:
+        image.draft("RGB", _oriented(wanted, orientation))
+        image.load()
+    plain = image.mode == "RGB" and "transparency" not in image.info
+    return _upright(np.array(image if plain else rgb_image(image)), orientation), full
 
 
 def load_sample(sample: dict, image_size: int, draft_size=None) -> LoadedSample:
@@ -146,7 +308,7 @@ def load_sample(sample: dict, image_size: int, draft_size=None) -> LoadedSample:
     try:
         image, full_size = _decode_rgb(sample[ext], draft_size or (image_size, image_size))
     except Exception as err:  # PIL reports bad data as OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise CorruptSample("image", _one_line(err)) from err
+        raise CorruptSample("image", image_error(err, sample[ext])) from err
     seg = None
     if "seg.png" in sample:
         try:

@@ -3,6 +3,7 @@
 batches.next()   -> {"image": uint8 (B, 3, S, S), "skipped_corrupt": int, ...}
 batches.epoch    the epoch the next batch belongs to
 batches.state()  what a checkpoint stores so that `open_batches(..., state=...)` continues exactly
+batches.unused_per_epoch()  samples of an epoch no batch takes (ranks are held to equal, full batches)
 
 wds        `ShardStream` through `BatchCursor` (PIL decoding in DataLoader workers; skips and counts corrupt
            samples)
@@ -47,6 +48,9 @@ class SyntheticBatches:
 
     def state(self) -> dict:
         return {"loader": "synthetic", "batches": self.batches}
+
+    def unused_per_epoch(self) -> int:
+        return 0
 
 
 def choose_loader(cfg: DataConfig, device: torch.device) -> tuple[str, str]:

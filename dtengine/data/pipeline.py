@@ -11,7 +11,6 @@ Each worker's stream starts with one `{SKIPPED_BATCHES_KEY: n}` item saying how 
 and may end with a stats-only `{"skipped_corrupt": n}` item for corrupt samples found after its last batch.
 """
 
-import os
 import random
 import tarfile
 from collections.abc import Iterator
@@ -20,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import get_worker_info
 
 from dtengine.data.decode import CorruptSample, Crop, collate, decode_sample, load_sample
+from dtengine.data.shards import check_tar_file
 from dtengine.runtime.errors import DataError
 
 SKIPPED_BATCHES_KEY = "__skipped_batches__"
@@ -53,9 +53,7 @@ def read_shards(sources: Iterator[dict]) -> Iterator[dict]:
     """Raw samples of each shard in turn; a missing or broken tar becomes a `DataError` naming the shard."""
     for source in sources:
         url = source["url"]
-        # tarfile silently ends a stream at a truncated header; tars are whole 512-byte blocks, so check that.
-        if os.path.isfile(url) and os.path.getsize(url) % 512:
-            raise DataError(f"shard '{url}' is truncated (size not a multiple of 512 bytes); re-create it or drop it")
+        check_tar_file(url)  # not a tar at all, or cut short: say so (tarfile would not, or only vaguely)
         try:
             # One shard at a time, so the error can name it (webdataset's handlers only see the exception).
             yield from wds.tarfile_to_samples()(iter([{"url": url}]))
@@ -94,11 +92,17 @@ class DecodeAndBatch:
         skip_batches: Whole batches of this worker to skip.
         seed: Keys each sample's random crop with its key (so skipping never shifts later crops, and moving the
             shards changes nothing).
+        max_corrupt_in_a_row: stop with an error after this many corrupt samples in a row; for endless (resampled)
+            streams, which would otherwise skip forever when nothing decodes. None: no limit.
     """
 
-    def __init__(self, batch_size: int, crop: Crop, on_corrupt: str, skip_batches: int, seed: str = ""):
+    def __init__(
+        self, batch_size: int, crop: Crop, on_corrupt: str, skip_batches: int, seed: str = "",
+        max_corrupt_in_a_row: int | None = None,
+    ):  # fmt: skip
         self.batch_size, self.crop, self.seed = batch_size, crop, seed
         self.on_corrupt, self.skip_batches = on_corrupt, skip_batches
+        self.max_corrupt_in_a_row = max_corrupt_in_a_row
 
     def _skip(self, samples: Iterator[dict]) -> int:
         """Consume the samples of up to `skip_batches` batches; returns how many whole batches that was."""
@@ -118,7 +122,7 @@ class DecodeAndBatch:
     def __call__(self, samples: Iterator[dict]) -> Iterator[dict]:
         samples = iter(samples)
         yield {SKIPPED_BATCHES_KEY: self._skip(samples)}
-        decoded, corrupt = [], 0
+        decoded, corrupt, in_a_row = [], 0, 0
         for sample in samples:
             try:
                 rng = random.Random(f"{self.seed}-{sample['__key__']}")
@@ -129,8 +133,14 @@ class DecodeAndBatch:
                         f"corrupt {bad.what} '{sample['__key__']}' in shard '{sample['__url__']}' ({bad.detail}); "
                         "remove it or set data.on_corrupt=skip"
                     ) from bad
-                corrupt += 1
+                corrupt, in_a_row = corrupt + 1, in_a_row + 1
+                if self.max_corrupt_in_a_row is not None and in_a_row >= self.max_corrupt_in_a_row:
+                    raise DataError(
+                        f"{in_a_row} samples in a row do not decode (the last: '{sample['__key__']}' in shard "
+                        f"'{sample['__url__']}': {bad.detail}); check the shards with `dtengine check-shards`"
+                    ) from bad
                 continue
+            in_a_row = 0
             if len(decoded) == self.batch_size:
                 yield collate(decoded, corrupt)
                 decoded, corrupt = [], 0

@@ -197,11 +197,15 @@ class ShardStream:
             self.shards if cfg.resample else self._epoch_shards(epoch, self.rank, reading),
             resample_seed=name if cfg.resample else None,
         )
+        # Resampling never runs dry: give up once a worker has skipped as many samples in a row as the shards hold.
+        give_up_after = max(1, sum(self.counts.values())) if cfg.resample else None
         pipeline = wds.DataPipeline(
             source,
             read_shards,
             SeededShuffle(cfg.shuffle_buffer, name) if cfg.shuffle_buffer else None,
-            DecodeAndBatch(cfg.batch_size, cfg.crop_spec, cfg.on_corrupt, worker_skip, seed=f"{self.seed}-{epoch}"),
+            DecodeAndBatch(
+                cfg.batch_size, cfg.crop_spec, cfg.on_corrupt, worker_skip, f"{self.seed}-{epoch}", give_up_after
+            ),
         )
         # The generator only seeds the workers' base seed; passing one keeps torch's global RNG untouched.
         generator = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
@@ -291,6 +295,12 @@ class ShardStream:
                 break
             carried += seen[1]  # reported with the next batch, from the next pass
             to_skip = max(0, to_skip - seen[0])  # ran dry early: read the shards again, reshuffled
+        samples = sum(self.counts[shard] for shard in self._epoch_shards(epoch, self.rank))
+        if seen[0] == 0 and seen[1] >= samples > 0:
+            raise DataError(
+                f"rank {self.rank}'s shards hold no decodable samples (all {samples} are corrupt); see why with "
+                f"`dtengine check-shards '{self.cfg.shards}'`, then re-create the shards"
+            )
         raise DataError(
             f"rank {self.rank}'s shards hold too few decodable samples for {wanted} batches of {self.cfg.batch_size} "
             f"in epoch {epoch} (corrupt samples?); check them with `dtengine check-shards`"
@@ -305,6 +315,14 @@ class BatchCursor:
         self.stream, self.epoch, self.batch_in_epoch = stream, epoch, batch_in_epoch
         self._batches: Iterator[dict] = stream.epoch(epoch, skip_batches=batch_in_epoch)
 
+    def unused_per_epoch(self) -> int:
+        """Samples of an epoch no rank's batches take (partial batches; ranks held to equal steps)."""
+        stream = self.stream
+        if stream.cfg.resample:
+            return 0
+        total = sum(stream.counts.values())
+        return total - stream.batches_per_epoch(self.epoch) * stream.cfg.batch_size * stream.world_size
+
     def state(self) -> dict:
         """The position a checkpoint stores: (epoch, batches consumed in it)."""
         return {"loader": "wds", "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
@@ -318,7 +336,17 @@ class BatchCursor:
             except StopIteration:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
                 self._batches = self.stream.epoch(self.epoch)
-        raise ConfigError("the training shards yield no full batch; lower data.batch_size or add data")
+        cfg, total = self.stream.cfg, sum(self.stream.counts.values())
+        if total == 0:
+            raise DataError(
+                f"the training shards '{cfg.shards}' hold no samples; check them with `dtengine check-shards "
+                f"'{cfg.shards}'` and re-create them (`dtengine make-shards`)"
+            )
+        raise ConfigError(
+            f"the training shards yield no full batch ({total} samples, batches of {cfg.batch_size} filled by each of "
+            f"{self.stream.world_size} rank(s) x {max(1, self.stream.num_workers)} worker(s) from its own shards); "
+            "lower data.batch_size or data.num_workers, or add data"
+        )
 
 
 def held_out_shards(cfg: DataConfig) -> str:

@@ -24,6 +24,7 @@ import webdataset as wds
 from PIL import Image
 from tqdm import tqdm
 
+from dtengine.data.decode import image_error, rgb_image, upright
 from dtengine.runtime.errors import DataError
 from dtengine.runtime.io import atomic_open
 
@@ -41,14 +42,39 @@ def _split_name(name: str) -> tuple[str, str]:
     return name[:dot], name[dot + 1 :]
 
 
+def check_tar_file(tar_path: str | Path) -> None:
+    """Refuse, with a one-line `DataError` naming the shard, a file that is not a tar archive, or a tar cut short.
+
+    tarfile reports a file that is no tar at all as "invalid header" or a stream ending early, and silently ends a
+    stream at a truncated header; so look at the first block (a tar header, or the zero block of an empty tar)
+    and at the size (tars are whole 512-byte blocks). A missing file is left to the caller's error.
+    """
+    tar_path = Path(tar_path)
+    try:
+        size = tar_path.stat().st_size
+        with tar_path.open("rb") as stream:
+            head = stream.read(512)
+    except OSError:
+        return
+    if head != bytes(512):  # one zero block: an empty tar
+        try:
+            tarfile.TarInfo.frombuf(head, "utf-8", "surrogateescape")  # checks length and header checksum
+        except tarfile.HeaderError:
+            what = "an empty file (0 bytes)" if size == 0 else "it does not start with a tar header"
+            raise DataError(
+                f"shard '{tar_path}' is not a tar archive ({what}); re-create it with `dtengine make-shards` or "
+                "remove it"
+            ) from None
+    if size % 512:
+        raise DataError(f"shard '{tar_path}' is truncated (size not a multiple of 512 bytes); re-create it or drop it")
+
+
 def index_text(tar_path: str | Path) -> str:
     """The DALI webdataset index of an uncompressed tar, as `write_wds_index` writes it."""
     tar_path = Path(tar_path)
     samples: list[list[str]] = []
     last_key = None
-    # tarfile silently ends a stream at a truncated header; tars are whole 512-byte blocks, so check that.
-    if tar_path.is_file() and tar_path.stat().st_size % 512:
-        raise DataError(f"shard '{tar_path}' is truncated (size not a multiple of 512 bytes); re-create it or drop it")
+    check_tar_file(tar_path)
     try:
         with tarfile.open(tar_path, "r:") as archive:
             for member in archive:
@@ -64,7 +90,7 @@ def index_text(tar_path: str | Path) -> str:
     except (OSError, tarfile.TarError) as err:
         raise DataError(f"cannot index shard '{tar_path}' ({err}); re-create the shard") from err
     if not samples:
-        raise DataError(f"shard '{tar_path}' holds no files; remove it or re-create it")
+        raise DataError(f"shard '{tar_path}' holds no samples (a tar with no files in it); remove it or re-create it")
     return f"{_INDEX_VERSION} {len(samples)}\n" + "".join(" ".join(files) + "\n" for files in samples)
 
 
@@ -206,15 +232,6 @@ def _sample_key(relative: str, used: set[str]) -> str:
     return unique
 
 
-def _to_rgb(image: Image.Image) -> Image.Image:
-    """RGB version of a decoded image; transparent areas become white instead of whatever colour they hide."""
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def _jpeg_or_reason(path: Path) -> tuple[bytes | None, str]:
     """`_jpeg_bytes` for a worker process: (bytes, "") or (None, why it failed)."""
     try:
@@ -224,10 +241,11 @@ def _jpeg_or_reason(path: Path) -> tuple[bytes | None, str]:
 
 
 def _jpeg_bytes(path: Path) -> bytes:
-    """The image at `path` as JPEG bytes: JPEG files as they are, anything else re-encoded at quality 95.
+    """The image at `path` as JPEG bytes: JPEG files as they are (the decoder turns CMYK into RGB and applies EXIF
+    rotation when it reads them), anything else upright, in 8-bit RGB (see `rgb_image`), re-encoded at quality 95.
 
     Raises:
-        ValueError: the file cannot be fully decoded; the message is the reason.
+        ValueError: the file cannot be fully decoded; the message is the one-line reason.
     """
     data = path.read_bytes()
     try:
@@ -235,9 +253,9 @@ def _jpeg_bytes(path: Path) -> bytes:
             image.load()  # decode every pixel: `verify()` misses truncated data
             if image.format == "JPEG":
                 return data
-            rgb = _to_rgb(image)
+            rgb = rgb_image(upright(image))
     except Exception as err:  # PIL reports bad data as OSError, SyntaxError, ValueError, DecompressionBombError...
-        raise ValueError(f"{type(err).__name__}: {err}") from err
+        raise ValueError(image_error(err, data)) from err
     out = io.BytesIO()
     rgb.save(out, format="JPEG", quality=_JPEG_QUALITY)
     return out.getvalue()
@@ -261,7 +279,8 @@ def make_shards_from_folder(
         What was written and what was skipped.
 
     Raises:
-        DataError: src_dir missing, no images in it, none of them decodable, or out_dir already holds shards.
+        DataError: src_dir missing, no images in it, none of them decodable, out_dir a file or not creatable, or
+            already holding shards.
     """
     src_dir, out_dir = Path(src_dir).expanduser(), Path(out_dir).expanduser()
     if not src_dir.is_dir():
@@ -269,8 +288,15 @@ def make_shards_from_folder(
     images = _find_images(src_dir)
     if not images:
         raise DataError(f"no {'/'.join(IMAGE_SUFFIXES)} images found under '{src_dir}'; check --from-folder")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"output folder '{out_dir}' is a file, not a folder; choose another --out (a folder)")
     if any(out_dir.glob(f"{prefix}-*.tar")):
         raise DataError(f"'{out_dir}' already holds {prefix}-*.tar shards; choose an empty --out folder")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:  # a file where a parent folder should be, no permission, ...
+        why = err.strerror or err
+        raise DataError(f"cannot create output folder '{out_dir}' ({why}); choose another --out") from err
     skipped: list[tuple[Path, str]] = []
     used_keys: set[str] = set()
 

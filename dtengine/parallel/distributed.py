@@ -80,6 +80,14 @@ class World:
         dist.all_reduce(tensor)
         return tensor / self.size
 
+    def all_max(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The elementwise max of `tensor` over the ranks (itself in a single process)."""
+        if not self.distributed:
+            return tensor
+        tensor = tensor.clone()
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+        return tensor
+
     def gather(self, value) -> list:
         """Every rank's `value` (a picklable object), in rank order, on every rank."""
         if not self.distributed:

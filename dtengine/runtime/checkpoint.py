@@ -2,16 +2,21 @@
 
 A checkpoint is a dict of tensors, containers and plain Python values only, so it loads without unpickling
 arbitrary objects. Random-number states are stored as tensors (NumPy's MT19937 state as its key array in an
-int64 tensor plus its position), and every checkpoint carries `format_version`: one written before this format
-gets a one-line error saying so instead of an unpickling traceback.
+int64 tensor plus its position). The file holds `format_version`, the SHA-256 of the serialised state and the
+state itself as bytes, so a torn or bit-flipped file is recognised before anything trusts it; one written before
+this format gets a one-line error saying so instead of an unpickling traceback. `load_newest_checkpoint` falls back
+to the previous checkpoint (with a warning) when the newest one does not verify.
 """
 
 from __future__ import annotations
 
+import hashlib
+import io
 import pickle
 import random
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,9 +27,10 @@ import torch
 from dtengine.runtime.errors import CheckpointError, ConfigError
 from dtengine.runtime.io import atomic_write
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """1 (never written with this key): pickled RNG states, loaded with weights_only=False. 2: tensors only. 3: the
-data position is the loader's own state (`"data"`), e.g. DALI's pipeline checkpoint."""
+data position is the loader's own state (`"data"`), e.g. DALI's pipeline checkpoint. 4: the state is stored as
+bytes beside its SHA-256."""
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.(pt|dcp)$")  # a file, or a sharded (distributed) checkpoint folder
 
 
@@ -85,8 +91,16 @@ def list_checkpoints(directory: Path) -> list[Path]:
 
 
 def write_checkpoint(path: Path, state: dict[str, Any]) -> Path:
-    """Write `state` (+ format_version) to `path` atomically."""
-    return atomic_write(path, lambda handle: torch.save({"format_version": FORMAT_VERSION, **state}, handle))
+    """Write `state` to `path` atomically, with the format version and the SHA-256 of its serialised bytes."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    wrapped = {
+        "format_version": FORMAT_VERSION,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8),
+    }
+    return atomic_write(path, lambda handle: torch.save(wrapped, handle))
 
 
 def save_checkpoint(directory: Path, step: int, state: dict[str, Any], keep: int) -> Path:
@@ -107,8 +121,12 @@ def find_checkpoint(path: Path) -> Path:
         if not found:
             raise CheckpointError(f"no checkpoint (step_*.pt) found in '{path}'; pass a run directory or a .pt file")
         return found[-1]
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint '{path}' does not exist; pass a run directory or a step_*.pt file")
+    if path.suffix == ".safetensors":
+        raise CheckpointError(
+            f"'{path}' is an exported backbone, not a training checkpoint; pass the run directory or a step_*.pt file"
+        )
     return path
 
 
@@ -120,7 +138,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     """
     path = find_checkpoint(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        wrapped = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
             f"checkpoint '{path}' holds objects a safe (weights_only) load refuses: it was written by an older "
@@ -128,9 +146,34 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         ) from err
     except Exception as err:  # torch raises many kinds for truncated / foreign files
         raise CheckpointError(f"checkpoint '{path}' is unreadable ({type(err).__name__}); use an earlier one") from err
-    if not isinstance(state, dict) or state.get("format_version") != FORMAT_VERSION:
-        found = state.get("format_version", "none") if isinstance(state, dict) else type(state).__name__
+    if not isinstance(wrapped, dict) or wrapped.get("format_version") != FORMAT_VERSION:
+        found = wrapped.get("format_version", "none") if isinstance(wrapped, dict) else type(wrapped).__name__
         raise CheckpointError(
             f"checkpoint '{path}' has format {found}, this dtengine reads format {FORMAT_VERSION}; start a new run"
         )
-    return state
+    payload = wrapped["payload"].numpy().tobytes()
+    if hashlib.sha256(payload).hexdigest() != wrapped.get("sha256"):
+        raise CheckpointError(f"checkpoint '{path}' is corrupt (its checksum does not match); use an earlier one")
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+
+
+def load_newest_checkpoint(directory: Path) -> tuple[dict[str, Any], Path]:
+    """The newest checkpoint of a checkpoints folder that loads and verifies, and its path; a newer one that does
+    not is skipped with a warning (a save torn by a crash, a disk error).
+
+    Raises:
+        CheckpointError: none verifies (the newest one's error).
+    """
+    found = [p for p in list_checkpoints(directory) if p.is_file()]
+    if not found:
+        raise CheckpointError(f"no checkpoint (step_*.pt) found in '{directory}'; pass a run directory or a .pt file")
+    first_error = None
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path)
+        except CheckpointError as err:
+            first_error = first_error or err
+            warnings.warn(f"skipping checkpoint '{path.name}': {err}", stacklevel=2)
+            continue
+        return state, path
+    raise first_error

@@ -10,6 +10,7 @@ region, so compiled and eager steps see identical inputs.
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -86,6 +87,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Inside the block, only deterministic algorithms when `enabled` (`torch.use_deterministic_algorithms`, cuDNN
+    without autotuning, cuBLAS with a fixed workspace): the same numbers on every run of a GPU too, slower. An op
+    with no deterministic version warns instead of failing. The previous settings come back afterwards."""
+    if not enabled:
+        yield
+        return
+    previous = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+                torch.backends.cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))  # fmt: skip
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS is deterministic only with this set
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(previous[0], warn_only=previous[1])
+        torch.backends.cudnn.benchmark = previous[2]
+        if previous[3] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 @contextlib.contextmanager

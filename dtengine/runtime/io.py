@@ -8,9 +8,14 @@ created with mode "x", which honours the umask (tempfile.mkstemp's 0600 would hi
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import json
 import os
 import secrets
 import shutil
+import socket
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import IO
@@ -103,3 +108,55 @@ def prepare_output_dir(path: str | Path, what: str = "output directory", fix: st
     except OSError as err:
         raise OutputDirError(f"{what} '{folder}' is not writable ({err.strerror or err}); {fix}") from err
     return folder
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        holder = json.loads(text)
+        return f"pid {holder['pid']} on {holder['host']}, started {holder['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
+
+
+class FolderLock:
+    """An exclusive lock on an output folder (`fcntl.flock` on `<folder>/.dtengine.lock`), holding who took it.
+
+    The operating system releases a flock when its process dies, so a lock left by a killed run is free: it is
+    taken over, with a warning naming the run that left it. flock is per host; on a filesystem shared by several
+    hosts (NFS) it may not see a holder on another host.
+    """
+
+    NAME = ".dtengine.lock"
+
+    def __init__(self, folder: str | Path):
+        self.folder, self.path, self.fd = Path(folder), Path(folder) / self.NAME, None
+
+    def acquire(self) -> FolderLock:
+        """Take the lock. Raises: OutputDirError naming the holder when a live run has it."""
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _describe_holder(self.path.read_text())
+            os.close(fd)
+            raise OutputDirError(
+                f"'{self.folder}' is in use by another dtengine run ({holder}); wait for it, stop it, or choose "
+                "another out_dir"
+            ) from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace")
+        if previous.strip():
+            warnings.warn(
+                f"took over the lock of '{self.folder}' left by a run that is gone ({_describe_holder(previous)})",
+                stacklevel=2,
+            )
+        me = {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(me).encode(), 0)
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)  # an empty lock file says nobody left it behind
+            os.close(self.fd)  # closing releases the flock
+            self.fd = None

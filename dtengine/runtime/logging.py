@@ -7,6 +7,7 @@ metrics row is written, so the hot loop never waits for the GPU to report a loss
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -15,25 +16,50 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from dtengine.runtime.io import atomic_write
+
 
 class MetricsLogger:
     """Appends `{"step": ..., name: value}` rows to `metrics.jsonl` and mirrors them to TensorBoard.
 
-    Appending (not rewriting) keeps the history of a resumed run in one file.
+    Rows are strict JSON: a non-finite value is written as null. Opening the file repairs it for the run at hand:
+    a last line cut short by a crash is dropped; a resumed run drops the rows after its checkpoint's step (they are
+    about to be written again); a fresh run moves a file left by an earlier attempt aside instead of appending.
+
+    Args:
+        run_dir: the run's folder.
+        tensorboard: also write TensorBoard events.
+        resume_step: the step a resumed run continues from; None for a fresh run.
     """
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, resume_step: int | None = None):
         self.path = Path(run_dir) / "metrics.jsonl"
+        if self.path.is_file():
+            self._repair(resume_step)
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
 
+    def _repair(self, resume_step: int | None) -> None:
+        if resume_step is None:
+            self.path.rename(self.path.with_name(f"metrics.before-{time.strftime('%Y%m%d-%H%M%S')}.jsonl"))
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # the last line of a run killed while writing it
+            if row.get("step", 0) <= resume_step:
+                kept.append(line + "\n")
+        atomic_write(self.path, "".join(kept))
+
     def log(self, step: int, values: dict[str, Any]) -> None:
-        row = {"step": step, **{k: (float(v) if hasattr(v, "__float__") else v) for k, v in values.items()}}
+        row = {"step": step, **{k: _json_value(v) for k, v in values.items()}}
         with self.path.open("a") as handle:
-            handle.write(json.dumps(row) + "\n")
+            handle.write(json.dumps(row, allow_nan=False) + "\n")
         if self.writer is not None:
             for name, value in row.items():
                 if name != "step" and isinstance(value, (int, float)):
@@ -42,6 +68,14 @@ class MetricsLogger:
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
+
+
+def _json_value(value: Any) -> Any:
+    if hasattr(value, "__float__") and not isinstance(value, (int, str)):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # strict JSON has no NaN or Infinity
+    return value
 
 
 class StepWindow:

@@ -149,9 +149,24 @@ class DiffusionTeacher(nn.Module):
         if not 0 <= cfg.timestep < steps:
             raise TeacherError(f"teacher.timestep {cfg.timestep} out of range for a {steps}-step schedule")
 
+    @property
+    def total_stride(self) -> int:
+        """How much the U-Net downsamples: image sides must be multiples of it for the skips to line up."""
+        return 2 ** sum(block.downsamplers is not None for block in self.unet.down_blocks)
+
+    def check_image_size(self, image_size: int, key: str = "data.image_size") -> None:
+        """Raises: ConfigError when `image_size` does not divide by `total_stride`."""
+        stride = self.total_stride
+        if image_size % stride:
+            lower, upper = max(stride, image_size - image_size % stride), image_size - image_size % stride + stride
+            raise ConfigError(
+                f"{key} {image_size} is not a multiple of the teacher's total stride {stride} (its U-Net halves the "
+                f"image {stride.bit_length() - 1} times); use e.g. {lower} or {upper}"
+            )
+
     def _describe_levels(self) -> list[TeacherLevel]:
         # Strides follow from the sampler counts alone, so a big teacher needs no dry run to describe itself.
-        n_down = sum(block.downsamplers is not None for block in self.unet.down_blocks)
+        n_down = self.total_stride.bit_length() - 1
         levels, ups_before = [], 0
         for index, block in enumerate(self.unet.up_blocks):
             has_up = block.upsamplers is not None

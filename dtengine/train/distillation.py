@@ -21,6 +21,8 @@ uninterrupted one would have taken.
 from __future__ import annotations
 
 import contextlib
+import functools
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,10 +35,8 @@ from dtengine.data.shard_stream import DataConfig, ShardStream, held_out_shards,
 from dtengine.distill import Distiller
 from dtengine.export import export_backbone
 from dtengine.levels import describe_levels
-from dtengine.losses.objective import DistillConfig, LossConfig
-from dtengine.parallel.compile import CompileConfig, apply_compile, student_compiles
+from dtengine.parallel.compile import apply_compile, student_compiles
 from dtengine.parallel.distributed import (
-    DistributedConfig,
     World,
     full_backbone,
     gradient_sync,
@@ -45,11 +45,10 @@ from dtengine.parallel.distributed import (
     wrap_student,
 )
 from dtengine.runtime import checkpoint as ckpt
-from dtengine.runtime.checkpoint import CheckpointConfig
 from dtengine.runtime.config import config_to_yaml
-from dtengine.runtime.device import PRECISIONS, peak_memory_gb, seed_everything, synchronize
+from dtengine.runtime.device import deterministic_algorithms, peak_memory_gb, seed_everything, synchronize
 from dtengine.runtime.errors import ConfigError, OutputDirError
-from dtengine.runtime.io import atomic_write, prepare_output_dir
+from dtengine.runtime.io import FolderLock, atomic_write, prepare_output_dir
 from dtengine.runtime.logging import (
     MetricsLogger,
     StepProfiler,
@@ -58,77 +57,10 @@ from dtengine.runtime.logging import (
     plot_loss_curve,
     progress_bar,
 )
-from dtengine.students.student import StudentConfig
-from dtengine.teachers.diffusion import TeacherConfig
-from dtengine.train.optim import OptimConfig, build_optimizer, build_scheduler, optimizer_step
+from dtengine.train.optim import build_optimizer, build_scheduler, optimizer_step
 from dtengine.train.run_checkpoint import clean_partial_checkpoints, resume_run, save_run
-
-
-@dataclass
-class TrainConfig:
-    """The training loop."""
-
-    steps: int = 300
-    """Optimizer steps to train for (the schedule's length)."""
-    global_batch: int = 0
-    """Images per optimizer step over all ranks. 0 = data.batch_size x grad_accum x the world size at the first
-    start; the value used is written to config.yaml and kept by every resume, on any world size."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step when global_batch is 0; otherwise derived: global_batch / (data.batch_size
-    x world size)."""
-    seed: int = 0
-    """Seeds the student's initialisation, data order, and every sample's noise and flip, which are keyed by
-    (seed, step, global sample index) and drawn outside any compiled region: a run gives the same result on 1 or
-    N ranks and compiled or eager."""
-    device: str = "auto"
-    """"auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N"."""
-    precision: str = "auto"
-    """Student autocast: "auto" = bf16 on CUDA with bf16 support, fp32 elsewhere; or "fp32" / "bf16"."""
-    hflip: bool = True
-    """Random horizontal flips, the paper's only augmentation."""
-    log_every: int = 10
-    """Write a metrics row (loss terms, lr, img/s, data wait) every this many steps; the only steps on which the
-    loop reads values back from the device."""
-    val_every: int = 0
-    """Every this many steps, the loss terms on `val_batches` held-out batches (`data.val_shards`), logged as
-    val_loss, val_mse, ... and plotted beside the training loss (0 = never)."""
-    val_batches: int = 4
-    """Held-out batches per validation: the first ones of the held-out shards, with the same noise every time."""
-    profile_steps: str = ""
-    """"A:B" writes a torch profiler trace of optimizer steps A..B (1-based) into the run's profile/ folder."""
-    tensorboard: bool = True
-    progress: bool = True
-    """Show a progress bar with loss, img/s and ETA."""
-
-    def __post_init__(self) -> None:
-        if self.steps <= 0 or self.grad_accum <= 0 or self.log_every <= 0:
-            raise ConfigError("train.steps, train.grad_accum and train.log_every must be positive integers")
-        if self.val_every < 0 or self.val_batches <= 0:
-            raise ConfigError("train.val_every must be >= 0 and train.val_batches positive")
-        try:
-            parse_step_range(self.profile_steps)
-        except ValueError as err:
-            raise ConfigError(f"train.profile_steps: {err}") from None
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
-
-
-@dataclass
-class RunConfig:
-    """Everything one `dtengine distill` run needs."""
-
-    out_dir: str = "runs/distill"
-    """Run directory: resolved config, metrics, TensorBoard events, checkpoints, exported backbone."""
-    data: DataConfig = field(default_factory=DataConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)
-    student: StudentConfig = field(default_factory=StudentConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    distill: DistillConfig = field(default_factory=DistillConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    compile: CompileConfig = field(default_factory=CompileConfig)
-    distributed: DistributedConfig = field(default_factory=DistributedConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+from dtengine.train.run_config import RunConfig
+from dtengine.train.stopping import NonFiniteError, NonFiniteGuard, RunStopped, StopRequest
 
 
 @dataclass
@@ -159,6 +91,7 @@ class DistillationRun:
     step: int = 0
     data_state: dict[str, Any] | None = None
     loader: str = ""
+    lock: FolderLock | None = None
     last_saved: int = 0
     logged_losses: list[float] = field(default_factory=list)
 
@@ -200,13 +133,26 @@ def architecture_of(cfg: RunConfig, distiller: Distiller) -> dict[str, Any]:
 
 
 def build_run(cfg: RunConfig, world: World, resuming: bool) -> DistillationRun:
-    run_dir = Path(cfg.out_dir).expanduser()
+    run_dir, lock = Path(cfg.out_dir).expanduser(), None
     if world.main:
-        prepare_run_dir(cfg.out_dir, resuming)
+        prepare_output_dir(run_dir, fix="choose another with out_dir=DIR")
+        lock = FolderLock(run_dir).acquire()  # before anything is read or written: one run per folder
+    try:
+        return _build_run(cfg, world, resuming, run_dir, lock)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+
+
+def _build_run(cfg: RunConfig, world: World, resuming: bool, run_dir: Path, lock) -> DistillationRun:
+    if world.main:
+        prepare_run_dir(run_dir, resuming)
     world.barrier()
-    resolve_shards(cfg.data.shards, cfg.data.builtin_root, cfg.data.image_size)  # fail fast on a bad pattern
     seed_everything(cfg.train.seed)
     distiller = Distiller.from_config(cfg, device=world.device)
+    distiller.teacher.check_image_size(cfg.data.image_size)
+    resolve_shards(cfg.data.shards, cfg.data.builtin_root, cfg.data.image_size)  # fail fast on a bad pattern
     architecture = architecture_of(cfg, distiller)
     # Under DDP the student is compiled inside the DDP wrapper (see parallel/distributed.py), not here.
     compiled = apply_compile(distiller, cfg.compile, student=not world.distributed)
@@ -218,6 +164,7 @@ def build_run(cfg: RunConfig, world: World, resuming: bool) -> DistillationRun:
     optimizer = build_optimizer(distiller.student, cfg.optim, fused=not sharded)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     run = DistillationRun(cfg, world, run_dir, distiller, optimizer, scheduler, architecture, compiled, parallel)
+    run.lock = lock
     run.set_global_batch(cfg.train.global_batch or cfg.data.batch_size * cfg.train.grad_accum * world.size)
     return run
 
@@ -272,17 +219,44 @@ def validate(run: DistillationRun, batches: list[torch.Tensor]) -> dict[str, flo
     return {f"val_{name}": sums[name] / len(batches) for name in distiller.term_names}
 
 
-def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger | None) -> None:
+def check_finite(run: DistillationRun, guard: NonFiniteGuard) -> int:
+    """Read the non-finite flags (a host sync: at logging and saving boundaries only) and apply the policy.
+
+    Returns: the non-finite steps so far. Raises: NonFiniteError when the run must stop.
+    """
+    report = guard.report(reduce=run.world.all_max)
+    bad, policy = report["bad_steps"], run.cfg.train.on_nonfinite
+    if bad == 0:
+        return 0
+    what = ", ".join(report["what"]) or "a value"
+    if policy == "stop":
+        raise NonFiniteError(
+            f"step {report['first_bad_step'] + 1}: non-finite {what}; the update was not applied and nothing "
+            "non-finite was saved; lower optim.lr, check the data, or set train.on_nonfinite=skip"
+        )
+    limit = run.cfg.train.max_nonfinite_in_a_row
+    if report["max_in_a_row"] >= limit:
+        raise NonFiniteError(
+            f"{limit} steps in a row had non-finite {what} (first at step {report['first_bad_step'] + 1}, {bad} "
+            "in all); the run stopped without applying them; lower optim.lr or check the data"
+        )
+    return bad
+
+
+def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger | None, stop: StopRequest) -> None:
     cfg, distiller, world = run.cfg, run.distiller, run.world
     accum, batch_size = run.accumulation, cfg.data.batch_size
     bar = progress_bar(cfg.train.steps, "distill", initial=run.step, enabled=cfg.train.progress and world.main)
     profiler = StepProfiler(parse_step_range(cfg.train.profile_steps), run.run_dir / "profile")
     val_batches = held_out_batches(cfg) if cfg.train.val_every else []
+    guard = NonFiniteGuard(distiller.term_names, world.device)
     window, first_step = StepWindow(), run.step + 1
     distiller.train()
     try:
         while run.step < cfg.train.steps:
             profiler.step(run.step)
+            micro_losses, teacher_finite = [], torch.ones((), dtype=torch.bool, device=world.device)
+            buffers = guard.buffers_before(distiller.student) if cfg.train.on_nonfinite == "skip" else []
             for micro in range(accum):
                 wait_start = time.perf_counter()
                 batch = cursor.next()
@@ -292,9 +266,16 @@ def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger | None) -> N
                 with gradient_sync(distiller, enabled=micro == accum - 1):
                     losses = distiller(batch["image"], step=run.step, first_index=first_index)
                     (losses["loss"] / accum).backward()
+                micro_losses.append(losses)
+                teacher_finite = teacher_finite & distiller.teacher_finite
                 window.add_tensors(losses, scale=1 / accum)
                 window.add(images=batch["image"].shape[0])
-            grad_norm, lr = optimizer_step(distiller, run.optimizer, run.scheduler, cfg.optim.grad_clip)
+            grad_norm, lr, finite = optimizer_step(
+                distiller, run.optimizer, run.scheduler, cfg.optim.grad_clip,
+                check=functools.partial(guard.step_finite, micro_losses, teacher_finite),
+            )  # fmt: skip
+            guard.record(finite, run.step)
+            guard.restore_buffers(buffers, finite)
             run.step += 1
             window.add(steps=1)
             bar.update(1)
@@ -306,18 +287,32 @@ def train_loop(run: DistillationRun, cursor, metrics: MetricsLogger | None) -> N
                 row.update(loader=run.loader)
             if run.step % cfg.train.log_every == 0 or run.step == cfg.train.steps:
                 row.update(metrics_row(run, window.pull(reduce=world.all_mean), grad_norm, lr, cursor.epoch))
+                row.update(nonfinite_steps=check_finite(run, guard))
                 run.logged_losses.append(row["loss"])
                 bar.set_postfix(loss=f"{row['loss']:.4f}", img_s=f"{row['img_per_s']:.1f}", refresh=False)
             if cfg.train.val_every and (run.step % cfg.train.val_every == 0 or run.step == cfg.train.steps):
                 row.update(validate(run, val_batches))
             if row and metrics is not None:
                 metrics.log(run.step, row)
-            if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps:
+            signum = stop.agreed()
+            if run.step % cfg.checkpoint.every == 0 or run.step == cfg.train.steps or signum:
+                check_finite(run, guard)  # nothing non-finite is ever saved
                 save_run(run, cursor)
+            if signum:
+                raise RunStopped(stop_message(run, signum), 128 + signum)
         profiler.step(run.step)
     finally:
         profiler.close()
         bar.close()
+
+
+def stop_message(run: DistillationRun, signum: int) -> str:
+    launcher = "torchrun --nproc-per-node=N -m dtengine" if run.world.distributed else "dtengine"
+    resume = f"{launcher} distill --resume out_dir={run.run_dir}"
+    return (
+        f"stopped by {signal.Signals(signum).name} after step {run.step} of {run.cfg.train.steps}; checkpoint "
+        f"step {run.step} is in {run.run_dir / 'checkpoints'}; resume with: {resume}"
+    )
 
 
 def finish_run(run: DistillationRun) -> RunResult:
@@ -325,6 +320,8 @@ def finish_run(run: DistillationRun) -> RunResult:
     backbone = full_backbone(student, run.world)  # a collective under FSDP2, so every rank calls it
     curve = None
     if run.world.main:
+        if not all(t.isfinite().all() for t in backbone.state_dict().values() if t.is_floating_point()):
+            raise NonFiniteError("the trained backbone holds non-finite weights; it was not exported")
         export_backbone(backbone, student.model_name, path)
         curve = plot_loss_curve(
             run.run_dir / "metrics.jsonl", run.run_dir / "loss_curve.png", keys=("loss", "mse", "at", "ld")
@@ -333,49 +330,67 @@ def finish_run(run: DistillationRun) -> RunResult:
     return RunResult(run.run_dir, run.step, first, final, path, curve)
 
 
-def banner(run: DistillationRun, changes: list[str]) -> str:
+def banner(run: DistillationRun, changes: list[str], cursor) -> str:
     cfg, world = run.cfg, run.world
     lines = [
         f"world: {world.size} rank(s) on {world.device.type}, {run.parallel}; data loader: {run.loader}",
         f"batch: {cfg.data.batch_size} per micro-batch x {run.accumulation} accumulated x {world.size} rank(s) = "
         f"global batch {run.global_batch}; optim.lr {cfg.optim.lr:g} applies to the global batch as configured "
         "(no rescaling with the world size)",
+        f"images: {cfg.data.image_size} px, crop {cfg.data.crop}",
     ]
-    return "\n".join(lines + [f"resumed: {change}" for change in changes])
+    unused = cursor.unused_per_epoch()
+    if unused:
+        lines.append(f"note: {unused} samples per epoch are not used (every rank takes the same number of full "
+                     "batches); lower data.batch_size or add data to use them")  # fmt: skip
+    if cfg.optim.warmup_steps >= cfg.train.steps:
+        lines.append(f"note: the run ({cfg.train.steps} steps) ends within its warmup ({cfg.optim.warmup_steps} "
+                     "steps), so it never leaves the warmup's rising learning rate")  # fmt: skip
+    return "\n".join(lines + [f"resumed with {change}" for change in changes])
 
 
-def run_distillation(cfg: RunConfig, resume: str | bool | None = None, trust_checkpoint: bool = False) -> RunResult:
+def run_distillation(
+    cfg: RunConfig, resume: str | bool | None = None, trust_checkpoint: bool = False, changes: list[str] = ()
+) -> RunResult:
     """Train the student on the teacher's features as configured; see the module docstring for outputs.
 
     Under torchrun every rank calls this; the process group is started here and left in step at the end.
 
     Args:
-        cfg: the resolved run configuration.
+        cfg: the resolved run configuration (for a resume, see `run_config.config_for_resume`).
         resume: None/False for a fresh run; True to continue from the newest checkpoint in `cfg.out_dir`;
             a path (run dir, step_*.pt or step_*.dcp) to continue from that checkpoint, writing to `cfg.out_dir`.
         trust_checkpoint: load a sharded (FSDP2) checkpoint from outside the run's own checkpoints folder.
+        changes: settings the resume changes, listed in the banner.
+    Raises:
+        RunStopped: a signal stopped the run after a checkpoint (the CLI exits 128 + the signal).
     """
+    with deterministic_algorithms(cfg.train.deterministic):
+        return _run_distillation(cfg, resume, trust_checkpoint, changes)
+
+
+def _run_distillation(cfg: RunConfig, resume, trust_checkpoint: bool, changes: list[str]) -> RunResult:
     world = init_world(cfg.train.device, cfg.distributed)
     run = build_run(cfg, world, resuming=bool(resume))
-    changes = resume_run(run, resume, trust_checkpoint) if resume else []
-    cursor, run.loader = open_batches(
-        cfg.data, cfg.train.seed, world.rank, world.size, device=world.device, state=run.data_state
-    )
-    metrics = None
-    if world.main:
-        atomic_write(run.run_dir / "config.yaml", config_to_yaml(cfg))
-        print(banner(run, changes), flush=True)
-        metrics = MetricsLogger(run.run_dir, tensorboard=cfg.train.tensorboard)
     try:
-        train_loop(run, cursor, metrics)
-    except KeyboardInterrupt:
-        raise KeyboardInterrupt(
-            f"interrupted at step {run.step}; newest checkpoint is step {run.last_saved} in "
-            f"{run.run_dir / 'checkpoints'}; continue with --resume"
-        ) from None
+        changes = [*changes, *(resume_run(run, resume, trust_checkpoint) if resume else [])]
+        cursor, run.loader = open_batches(
+            cfg.data, cfg.train.seed, world.rank, world.size, device=world.device, state=run.data_state
+        )
+        metrics = None
+        if world.main:
+            atomic_write(run.run_dir / "config.yaml", config_to_yaml(cfg))
+            print(banner(run, changes, cursor), flush=True)
+            metrics = MetricsLogger(run.run_dir, cfg.train.tensorboard, resume_step=run.step if resume else None)
+        try:
+            with StopRequest(cfg.train.stop_grace_s, world.distributed) as stop:
+                train_loop(run, cursor, metrics, stop)
+        finally:
+            if metrics is not None:
+                metrics.close()
+        result = finish_run(run)
     finally:
-        if metrics is not None:
-            metrics.close()
-    result = finish_run(run)
+        if run.lock is not None:
+            run.lock.release()
     shutdown(world)  # only on success: a failing rank must not wait in a barrier for peers stuck elsewhere
     return result

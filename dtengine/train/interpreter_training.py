@@ -159,6 +159,7 @@ def _flush_denormals(enabled: bool):
 
 def _fit_and_save(cfg, device, out_dir, train: LabelledSplit, val, num_classes) -> tuple[Path, dict | None]:
     teacher = build_diffusion_teacher(cfg.teacher, device)
+    teacher.check_image_size(cfg.data.image_size)
     interpreter = FeatureInterpreter(teacher.levels, num_classes, cfg.channels, cfg.dropout, cfg.output_stride)
     interpreter = interpreter.to(device)
     optimizer = torch.optim.AdamW(interpreter.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

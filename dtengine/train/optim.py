@@ -74,16 +74,38 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
 
 
-def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float):
+def mask_update(optimizer: torch.optim.Optimizer, finite: torch.Tensor) -> None:
+    """Make the next `optimizer.step()` leave everything untouched when `finite` (a 0-dim bool on the device) is
+    False, without a host sync: a fused optimizer reads `found_inf` (as under a GradScaler) and skips the step; any
+    other gets its gradients zeroed instead (it still applies weight decay and moment decay)."""
+    if optimizer.defaults.get("fused"):
+        optimizer.found_inf = (~finite).float()
+        return
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            if param.grad is not None:
+                # FSDP2's gradients are DTensors: each rank zeroes its own shard (every rank has the same `finite`).
+                grad = param.grad.to_local() if hasattr(param.grad, "to_local") else param.grad
+                grad.copy_(torch.where(finite, grad, torch.zeros_like(grad)))
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, grad_clip: float, check=None):
     """Clip the gradient norm, step, clear the gradients, advance the schedule: the end of every training step.
 
+    Args:
+        check: optional f(grad_norm) -> whether the step is finite (a 0-dim bool on the device); a non-finite step
+            leaves the parameters untouched (`mask_update`).
     Returns:
-        (the gradient norm before clipping, a 0-dim tensor left on the device; the lr this step used).
+        (the gradient norm before clipping, a 0-dim tensor left on the device; the lr this step used; the check's
+        result or None).
     """
     max_norm = grad_clip if grad_clip > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], max_norm)
+    finite = check(grad_norm) if check is not None else None
+    if finite is not None:
+        mask_update(optimizer, finite)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     lr = scheduler.get_last_lr()[0]
     scheduler.step()
-    return grad_norm, lr
+    return grad_norm, lr, finite

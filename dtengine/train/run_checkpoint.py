@@ -88,7 +88,12 @@ def resume_run(run: DistillationRun, source: str | bool, trust: bool = False) ->
         kinds = ("an FSDP2 (sharded)", "a DDP / single-process") if sharded else ("a DDP / single-process", "FSDP2")
         raise CheckpointError(f"'{path}' is {kinds[0]} checkpoint, but this run uses {kinds[1]}; resume with the "
                               "strategy that wrote it")  # fmt: skip
-    meta = ckpt.load_checkpoint(path / META_FILE if sharded else path)
+    if sharded:
+        meta = ckpt.load_checkpoint(path / META_FILE)
+    elif source is True or Path(source).is_dir():  # the newest that verifies; a torn or corrupt one is skipped
+        meta, path = ckpt.load_newest_checkpoint(path.parent)
+    else:
+        meta = ckpt.load_checkpoint(path)
     if meta.get("architecture") != run.architecture:
         raise CheckpointError(
             f"checkpoint was written for {meta.get('architecture')}, but this config builds {run.architecture}; "
@@ -144,6 +149,9 @@ def _restore_position(run: DistillationRun, meta: dict) -> list[str]:
 
 
 def clean_partial_checkpoints(directory: Path) -> None:
-    """Remove sharded checkpoint folders an interrupted save left half-written (they never got their final name)."""
+    """Remove what an interrupted save left half-written (it never got its final name): sharded checkpoint folders
+    and the temporary files of atomic writes."""
     for partial in Path(directory).glob(f".step_*{SHARDED_SUFFIX}.partial"):
         shutil.rmtree(partial, ignore_errors=True)
+    for partial in Path(directory).glob(".step_*.tmp"):
+        partial.unlink(missing_ok=True)
