@@ -104,6 +104,19 @@ def test_a_failing_rank_ends_the_job_quickly(base, tmp_path):
     assert "rank 1 failed on purpose at step 1" in job.stdout + job.stderr
 
 
+def test_sigterm_on_one_rank_stops_every_rank_at_the_same_step_with_a_checkpoint(base, tmp_path):
+    run = tmp_path / "stopped"
+    args = [*base, "data.batch_size=2", "train.steps=6", f"out_dir={run}"]
+    job = launch(2, *args, runner_flags=("--sigterm-on-rank", "1"))
+    assert job.returncode != 0  # torchrun reports the ranks' 143 as a failure: the job is not finished
+    assert "stopped by SIGTERM after step 2 of 6" in job.stderr
+    assert "exitcode  : 143" in job.stderr and "exitcode  : 1\n" not in job.stderr  # no rank crashed or hung
+    assert load_checkpoint(run)["step"] == 2
+    resumed = launch(2, "--resume", f"out_dir={run}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert load_checkpoint(run)["step"] == 6
+
+
 @pytest.mark.slow
 def test_torchrun_runs_the_demo_config(tmp_path):
     """The command of the docs, on the demo config: exit 0, one run directory, rank 0 alone speaks."""
