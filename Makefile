@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 RUN_ID := $(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: demo test bench gpu-suite kernel-check lint format clean-runs
+.PHONY: demo test bench gpu-suite kernel-check kernel-report lint format clean-runs
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,11 @@ KERNEL_TESTS := tests/test_kernels_aot.py tests/test_kernels_feature_loss.py tes
 	tests/test_ops_attention_interpreter.py
 kernel-check: $(INSTALLED)
 	$(PY) -m pytest -q $(KERNEL_TESTS)
+
+# What the compiler makes of both kernels for sm_80 / sm_90 as real launches specialise them (registers, spills,
+# load widths, cp.async, wgmma, loop sizes); writes docs/kernel_aot_report.md, the committed AOT baseline.
+kernel-report: $(INSTALLED)
+	$(PY) benchmarks/kernel_report.py
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check .

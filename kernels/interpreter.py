@@ -13,7 +13,11 @@ from triton import knobs
 INTERPRETED = bool(knobs.runtime.interpret)
 """True when the kernels run in Triton's interpreter: they then take fp32 CPU tensors only."""
 
+CAPTURING = False
+"""True inside `aot.capture_launches()`: launches are recorded for ahead-of-time compilation, not run."""
+
 
 def can_run_on(device: torch.device) -> bool:
-    """Whether the kernels can run on tensors of `device` in this process: CUDA, or the CPU when interpreted."""
-    return device.type == "cuda" or (INTERPRETED and device.type == "cpu")
+    """Whether the kernels can run on tensors of `device` in this process: CUDA, the CPU when interpreted, or any
+    device while launches are only captured."""
+    return device.type == "cuda" or (INTERPRETED and device.type == "cpu") or CAPTURING

@@ -43,6 +43,21 @@ def test_kernels_match_reference_forward_and_backward(shape):
         torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"d{n}: {m}")
 
 
+def test_misaligned_views_take_the_unhinted_variant_and_match():
+    from dtkernels.attention.flash import vector_aligned
+
+    # Rows of 41 elements, each view starting one element in: neither pointers nor row strides stay aligned.
+    generator = torch.Generator().manual_seed(5)
+    q, k, v, upstream = (torch.randn(1, 2, 37, 41, generator=generator)[..., 1:] for _ in range(4))
+    assert not vector_aligned(q, k, v)
+    out, lse = attention_forward(q, k, v, 0.2)
+    grads = attention_backward(upstream, q, k, v, out, lse, 0.2)
+    want_out, _, want_grads = _reference_grads(q, k, v, upstream, 0.2)
+    torch.testing.assert_close(out, want_out.float(), rtol=1e-5, atol=2e-6)
+    for got, want in zip(grads, want_grads):
+        torch.testing.assert_close(got, want.float(), rtol=1e-4, atol=1e-5)
+
+
 def test_op_with_triton_backend_on_strided_inputs():
     # The (B, N, H, D) -> (B, H, N, D) views diffusers produces, through the custom op and its autograd.
     generator = torch.Generator().manual_seed(3)

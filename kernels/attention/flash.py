@@ -46,9 +46,28 @@ def _program_batch_head(num_heads):
 
 
 @triton.jit
-def _head_ptrs(X, batch, head, offs_d, stride_b, stride_h, stride_d):
-    """(1, BLOCK_D) pointers to row 0 of X[batch, head]; adding rows[:, None] * stride_n addresses a tile of rows."""
-    return X + batch * stride_b + head * stride_h + offs_d[None, :] * stride_d
+def _aligned(stride, ALIGNED: tl.constexpr):
+    """`stride`, provably a multiple of 8 elements to the compiler when the launcher checked that it is (see
+    `vector_aligned`): with 16-byte aligned pointers, rows then start on 16 bytes and load as 128-bit vectors
+    (cp.async) even at D = 40 or 72, whose strides miss the JIT's own hint (divisible by 16). Written as
+    (stride // 8) * 8, the same value, because `tl.multiple_of` on a scalar argument is dropped."""
+    if ALIGNED:
+        stride = (stride // 8) * 8
+    return stride
+
+
+@triton.jit
+def _tile_ptrs(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, stride_d, ALIGNED: tl.constexpr):
+    """(len(rows), BLOCK_D) pointers to X[batch, head, rows, :]."""
+    row0 = X + batch * _aligned(stride_b, ALIGNED) + head * _aligned(stride_h, ALIGNED)
+    return row0 + rows[:, None] * _aligned(stride_n, ALIGNED) + offs_d[None, :] * stride_d
+
+
+@triton.jit
+def _load_tile(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, stride_d, ALIGNED: tl.constexpr, mask):
+    """The (len(rows), BLOCK_D) tile X[batch, head, rows, :], 0 where `mask` is False (padded lanes, rows past N)."""
+    ptrs = _tile_ptrs(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, stride_d, ALIGNED)
+    return tl.load(ptrs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -66,6 +85,7 @@ def _attention_fwd_kernel(
     seq_len,
     scale_log2e,  # softmax scale times log2(e)
     HEAD_DIM: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -77,10 +97,8 @@ def _attention_fwd_kernel(
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_len
 
-    q_ptrs = _head_ptrs(Q, batch, head, offs_d, stride_qb, stride_qh, stride_qd) + offs_m[:, None] * stride_qn
+    q_ptrs = _tile_ptrs(Q, batch, head, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED)
     q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-    k_base = _head_ptrs(K, batch, head, offs_d, stride_kb, stride_kh, stride_kd)
-    v_base = _head_ptrs(V, batch, head, offs_d, stride_vb, stride_vh, stride_vd)
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -89,20 +107,20 @@ def _attention_fwd_kernel(
         offs_kv = start_n + offs_n
         kv_valid = offs_kv < seq_len
         kv_mask = kv_valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + offs_kv[:, None] * stride_kn, mask=kv_mask, other=0.0)
+        k = _load_tile(K, batch, head, offs_kv, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
         s = tl.dot(q, tl.trans(k)) * scale_log2e  # (BLOCK_M, BLOCK_N)
         s = tl.where(kv_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + offs_kv[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        v = _load_tile(V, batch, head, offs_kv, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
         m_i = m_new
 
     acc = acc / l_i[:, None]
     tl.store(LSE + batch_head * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
-    o_ptrs = _head_ptrs(O, batch, head, offs_d, stride_ob, stride_oh, stride_od) + offs_m[:, None] * stride_on
+    o_ptrs = _tile_ptrs(O, batch, head, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od, ALIGNED)
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
@@ -116,6 +134,7 @@ def _attention_bwd_delta_kernel(
     num_heads,
     seq_len,
     HEAD_DIM: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):  # fmt: skip
@@ -124,8 +143,8 @@ def _attention_bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     m_mask = offs_m < seq_len
     mask = m_mask[:, None] & (offs_d < HEAD_DIM)[None, :]
-    o_ptrs = _head_ptrs(O, batch, head, offs_d, stride_ob, stride_oh, stride_od) + offs_m[:, None] * stride_on
-    do_ptrs = _head_ptrs(DO, batch, head, offs_d, stride_dob, stride_doh, stride_dod) + offs_m[:, None] * stride_don
+    o_ptrs = _tile_ptrs(O, batch, head, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od, ALIGNED)
+    do_ptrs = _tile_ptrs(DO, batch, head, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED)
     o = tl.load(o_ptrs, mask=mask, other=0.0)
     do = tl.load(do_ptrs, mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
@@ -148,6 +167,7 @@ def _attention_bwd_dkdv_kernel(
     seq_len,
     scale,
     HEAD_DIM: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
@@ -159,12 +179,10 @@ def _attention_bwd_dkdv_kernel(
     d_mask = offs_d < HEAD_DIM
     n_mask = offs_n < seq_len
     kv_mask = n_mask[:, None] & d_mask[None, :]
-    k_ptrs = _head_ptrs(K, batch, head, offs_d, stride_kb, stride_kh, stride_kd) + offs_n[:, None] * stride_kn
-    v_ptrs = _head_ptrs(V, batch, head, offs_d, stride_vb, stride_vh, stride_vd) + offs_n[:, None] * stride_vn
+    k_ptrs = _tile_ptrs(K, batch, head, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED)
+    v_ptrs = _tile_ptrs(V, batch, head, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED)
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
-    q_base = _head_ptrs(Q, batch, head, offs_d, stride_qb, stride_qh, stride_qd)
-    do_base = _head_ptrs(DO, batch, head, offs_d, stride_dob, stride_doh, stride_dod)
     row_base = batch_head * seq_len
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
@@ -173,8 +191,8 @@ def _attention_bwd_dkdv_kernel(
         rows = start_m + offs_m
         row_valid = rows < seq_len
         q_mask = row_valid[:, None] & d_mask[None, :]
-        q = tl.load(q_base + rows[:, None] * stride_qn, mask=q_mask, other=0.0)
-        do = tl.load(do_base + rows[:, None] * stride_don, mask=q_mask, other=0.0)
+        q = _load_tile(Q, batch, head, rows, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED, q_mask)
+        do = _load_tile(DO, batch, head, rows, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED, q_mask)
         # An out-of-range query row gets LSE = +inf, so its probabilities (and its dS) are exactly 0.
         lse = tl.load(LSE + row_base + rows, mask=row_valid, other=float("inf"))
         delta = tl.load(DELTA + row_base + rows, mask=row_valid, other=0.0)
@@ -184,8 +202,8 @@ def _attention_bwd_dkdv_kernel(
         ds_t = p_t * (dp_t - delta[None, :])
         dk = tl.dot(ds_t.to(q.dtype), q, dk)
 
-    dk_ptrs = _head_ptrs(DK, batch, head, offs_d, stride_dkb, stride_dkh, stride_dkd) + offs_n[:, None] * stride_dkn
-    dv_ptrs = _head_ptrs(DV, batch, head, offs_d, stride_dvb, stride_dvh, stride_dvd) + offs_n[:, None] * stride_dvn
+    dk_ptrs = _tile_ptrs(DK, batch, head, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd, ALIGNED)
+    dv_ptrs = _tile_ptrs(DV, batch, head, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd, ALIGNED)
     tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
 
@@ -205,6 +223,7 @@ def _attention_bwd_dq_kernel(
     seq_len,
     scale,
     HEAD_DIM: tl.constexpr,
+    ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
@@ -216,30 +235,39 @@ def _attention_bwd_dq_kernel(
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_len
     q_mask = m_mask[:, None] & d_mask[None, :]
-    q_ptrs = _head_ptrs(Q, batch, head, offs_d, stride_qb, stride_qh, stride_qd) + offs_m[:, None] * stride_qn
+    q_ptrs = _tile_ptrs(Q, batch, head, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED)
     q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do_ptrs = _head_ptrs(DO, batch, head, offs_d, stride_dob, stride_doh, stride_dod) + offs_m[:, None] * stride_don
+    do_ptrs = _tile_ptrs(DO, batch, head, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED)
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=m_mask, other=0.0)
-    k_base = _head_ptrs(K, batch, head, offs_d, stride_kb, stride_kh, stride_kd)
-    v_base = _head_ptrs(V, batch, head, offs_d, stride_vb, stride_vh, stride_vd)
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seq_len, BLOCK_N):
         cols = start_n + offs_n
         col_valid = cols < seq_len
         kv_mask = col_valid[:, None] & d_mask[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kn, mask=kv_mask, other=0.0)
-        v = tl.load(v_base + cols[:, None] * stride_vn, mask=kv_mask, other=0.0)
+        k = _load_tile(K, batch, head, cols, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
+        v = _load_tile(V, batch, head, cols, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
         p = tl.exp2(tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634) - lse[:, None])
         p = tl.where(col_valid[None, :], p, 0.0)  # padded keys read as 0 would otherwise get weight exp(-LSE)
         dp = tl.dot(do, tl.trans(v))
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq)
 
-    dq_ptrs = _head_ptrs(DQ, batch, head, offs_d, stride_dqb, stride_dqh, stride_dqd) + offs_m[:, None] * stride_dqn
+    dq_ptrs = _tile_ptrs(DQ, batch, head, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, ALIGNED)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+
+
+def vector_aligned(*tensors: Tensor) -> bool:
+    """Whether every tensor starts on 16 bytes and has a unit last stride and other strides that divide by 8
+    elements: then the kernels may declare the strides multiples of 8 (`ALIGNED`) and load rows as 128-bit
+    vectors. A wrong declaration would make misaligned loads that neither the interpreter nor an ahead-of-time
+    compile can see, so it is only made after this check."""
+    return all(
+        t.data_ptr() % 16 == 0 and t.stride(-1) == 1 and all(stride % 8 == 0 for stride in t.stride()[:-1])
+        for t in tensors
+    )
 
 
 def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -272,8 +300,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_len, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=head_dim, ALIGNED=vector_aligned(q, k, v, out), BLOCK_D=padded_head_dim(head_dim),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
@@ -295,7 +323,7 @@ def attention_backward(
     configs, block_d = configs_for(head_dim), padded_head_dim(head_dim)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGNED=vector_aligned(q, k, v, out, grad_out, dq, dk, dv))
 
     fwd = configs.forward
     _attention_bwd_delta_kernel[(triton.cdiv(seq_len, fwd.block_m), batch * heads)](

@@ -47,9 +47,12 @@ AUTOTUNE_KEY = ["C", "P", "stride_rc", "stride_gc"]
 
 
 @triton.jit
-def _pixel_rows(X, b, p, W, stride_b, stride_h, stride_w):
+def _pixel_rows(X, b, p, W, stride_b, stride_h, stride_w, FLAT_PIXELS: tl.constexpr):
     """Pointers to channel 0 of pixels p of sample b in a (B, C, H, W) map; add c * stride_c for channel c."""
-    # Pixels are flattened as p = h * W + w, but the strides stay separate so non-contiguous views work.
+    if FLAT_PIXELS:  # stride_h = W * stride_w (NCHW, channels_last): one pixel axis the compiler can vectorise
+        return X + b.to(tl.int64) * stride_b + p * stride_w
+    # Pixels are flattened as p = h * W + w, but the strides stay separate so other views work; the compiler
+    # cannot see that p // W and p % W walk memory contiguously, so small W load an element at a time.
     return X + b.to(tl.int64) * stride_b + (p // W) * stride_h + (p % W) * stride_w
 
 
@@ -85,14 +88,15 @@ def _stats_kernel(
     stride_gw,
     eps,  # LayerNorm epsilon
     WHITEN: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
-    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw)
-    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw)
+    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw, FLAT_PIXELS)
+    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
 
     q_r = tl.zeros([BLOCK_P], dtype=tl.float32)
     mean = tl.zeros([BLOCK_P], dtype=tl.float32)
@@ -201,15 +205,16 @@ def _grad_kernel(
     stride_dw,
     mse_scale,  # 2 / (num_levels * N)
     at_weight,
+    FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
     b = tl.program_id(1)
     p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
     p_mask = p < P
-    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw)
-    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw)
-    dr_rows = _pixel_rows(DR, b, p, W, stride_db, stride_dh, stride_dw)
+    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw, FLAT_PIXELS)
+    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
+    dr_rows = _pixel_rows(DR, b, p, W, stride_db, stride_dh, stride_dw, FLAT_PIXELS)
     stats = b.to(tl.int64) * P + p
     mean = tl.load(MEAN + stats, mask=p_mask, other=0.0)
     rstd = tl.load(RSTD + stats, mask=p_mask, other=0.0)

@@ -53,15 +53,21 @@ class FusedFeatureLoss(NamedTuple):
     grads: list[Tensor]  # d loss / d r per level, r's shape, dtype and (dense) strides
 
 
-def _launch_pixel_kernel(kernel, shape: torch.Size, args: list, config: triton.Config | None) -> None:
+def flat_pixels(*maps: Tensor) -> bool:
+    """Whether every (B, C, H, W) map steps from row to row as from pixel to pixel (stride_h = W * stride_w, as
+    NCHW and channels_last do): the kernels then address pixels along one axis, which loads as vectors."""
+    return all(m.shape[2] == 1 or m.stride(2) == m.shape[3] * m.stride(3) for m in maps)  # one row: no row step
+
+
+def _launch_pixel_kernel(kernel, shape: torch.Size, args: list, config: triton.Config | None, **constexprs) -> None:
     batch, _, height, width = shape
     grid = lambda meta: (triton.cdiv(height * width, meta["BLOCK_P"]), batch)  # noqa: E731
     if config is None and not INTERPRETED:
-        kernel[grid](*args)
+        kernel[grid](*args, **constexprs)
         return
     # The interpreter has nothing to time, and tests pin configurations: launch the jitted kernel directly.
     config = config or PIXEL_TILE_CONFIGS[0]
-    kernel.fn[grid](*args, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    kernel.fn[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
 def _level_forward(
@@ -83,14 +89,16 @@ def _level_forward(
     dr = torch.empty_like(r)
 
     common = [channels, width, pixels, *r.stride(), *g.stride()]
-    _launch_pixel_kernel(_stats_kernel, r.shape, [r, g, mean, rstd, q_r, q_g, *common, layernorm_eps, whiten], config)
+    flat = flat_pixels(r, g, dr)
+    stats_args = [r, g, mean, rstd, q_r, q_g, *common, layernorm_eps, whiten]
+    _launch_pixel_kernel(_stats_kernel, r.shape, stats_args, config, FLAT_PIXELS=flat)
     _attention_kernel[(batch,)](
         q_r, q_g, at, at_coef, pixels, norm_eps, 2.0 / (num_levels * batch), BLOCK=ATTENTION_BLOCK,
         num_warps=ATTENTION_WARPS,
     )  # fmt: skip
     mse_scale = 2.0 / (num_levels * r.numel())
     grad_args = [r, g, dr, mean, rstd, at_coef, sse, *common, *dr.stride(), mse_scale, at_weight]
-    _launch_pixel_kernel(_grad_kernel, r.shape, grad_args, config)
+    _launch_pixel_kernel(_grad_kernel, r.shape, grad_args, config, FLAT_PIXELS=flat)
     return sse.sum() / r.numel(), at.mean(), dr
 
 
