@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
@@ -124,3 +125,30 @@ def test_cuda_graph_teacher_with_gradient_accumulation(tiny_compile_overrides):
 
 def cfg_dir(overrides: list[str]) -> str:
     return next(item.partition("=")[2] for item in overrides if item.startswith("out_dir="))
+
+
+def test_the_inductor_cache_folder_changes_when_an_op_source_changes(tmp_path, monkeypatch):
+    """Inductor's cache keys do not see a custom op's fake, so graphs compiled against an old op must live apart."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from dtengine.parallel import compile as compile_module
+
+    for package in ("ops", "kernels"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").write_text("VERSION = 1\n")
+    roots = {"dtengine.ops": tmp_path / "ops", "dtkernels": tmp_path / "kernels"}
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name: SimpleNamespace(origin=str(roots[name] / "__init__.py"))
+    )
+    before = compile_module.ops_fingerprint()
+    assert compile_module.ops_fingerprint() == before
+    (tmp_path / "kernels" / "launcher.py").write_text("BLOCK = 64\n")
+    assert compile_module.ops_fingerprint() != before
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("DTENGINE_CACHE", str(tmp_path / "cache"))
+    compile_module.use_dtengine_inductor_cache()
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(
+        tmp_path / "cache" / "inductor" / compile_module.ops_fingerprint()
+    )

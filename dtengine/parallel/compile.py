@@ -17,13 +17,17 @@ The step's two parts are compiled apart, because they are different programs:
 Per-sample noise and flips are drawn before either part (`Distiller.inputs`), so compiled and eager steps see
 the same inputs. The optimizer step is not compiled: torch's fused AdamW is one kernel already, and the scheduled
 learning rate stays a Python float that no graph guards on. Compiled code is cached between runs under dtengine's
-cache folder (`$DTENGINE_CACHE/inductor`, unless TORCHINDUCTOR_CACHE_DIR is set), so a second run starts faster.
+cache folder (`$DTENGINE_CACHE/inductor/<hash of the ops' sources>`, unless TORCHINDUCTOR_CACHE_DIR is set), so
+a second run starts faster.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -76,7 +80,22 @@ def use_dtengine_inductor_cache() -> None:
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
     if os.environ.get("TORCHINDUCTOR_CACHE_DIR") in (None, default_cache_dir()):
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor" / ops_fingerprint())
+
+
+def ops_fingerprint() -> str:
+    """Short hash of the sources of dtengine's custom ops and their kernels.
+
+    Inductor's cache keys name a custom op but do not see its fake or its kernels, so a graph compiled against an
+    older version of an op (say, one that returned other shapes) would be replayed after an upgrade. One cache
+    folder per version of the ops' sources rules that out.
+    """
+    digest = hashlib.sha256()
+    for package in ("dtengine.ops", "dtkernels"):
+        root = Path(importlib.util.find_spec(package).origin).parent
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:12]
 
 
 def student_compiles(cfg: CompileConfig, device: torch.device) -> bool:
