@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtkernels.aot import ARCHES, capture_launches, compile_launch  # noqa: E402
 from dtkernels.attention import HEAD_DIMS, attention_backward, attention_forward  # noqa: E402
-from dtkernels.feature_loss.launcher import feature_loss_forward  # noqa: E402
+from dtkernels.feature_loss.launcher import feature_loss_backward, feature_loss_forward  # noqa: E402
 
 from common import environment, format_environment, markdown_table  # noqa: E402
 
@@ -74,8 +74,10 @@ def loss_rows(arch: int) -> list[dict]:
     for layout, memory_format in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
         for shape in LOSS_LEVELS:
             r = torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=memory_format)
+            g = r.clone()
             with capture_launches() as launches:
-                feature_loss_forward([r], [r.clone()], at_weight=10.0, whiten=True, layernorm_eps=1e-5, norm_eps=1e-6)
+                out = feature_loss_forward([r], [g], at_weight=10.0, whiten=True, layernorm_eps=1e-5, norm_eps=1e-6)
+                feature_loss_backward(torch.ones(()), [r], [g], out.stats)
             for launch in launches:  # the autotuned pixel kernels: every tile config, as autotuning compiles them
                 result = compile_launch(launch, arch)
                 key = (result.summary(), launch.options())
@@ -109,7 +111,7 @@ def main() -> None:
             "",
             markdown_table(attention_rows(arch), COLUMNS),
             "",
-            f"## sm_{arch}: fused feature loss (bf16 r and g, whitened; every autotuned tile config)",
+            f"## sm_{arch}: fused feature loss (bf16 r and g, whitened; forward and backward, every tile config)",
             "",
             markdown_table(loss_rows(arch), COLUMNS),
         ]

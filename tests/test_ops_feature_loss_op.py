@@ -46,7 +46,7 @@ def test_attention_gradient_matches_autograd_including_degenerate_samples():
     assert grad[1].abs().max() == 0
 
 
-def test_backward_scales_the_stored_gradient_and_mse_at_carry_none():
+def test_backward_scales_with_the_incoming_gradient_and_mse_at_carry_none():
     torch.manual_seed(2)
     (r,), (g,) = make_levels([ODD_SHAPE], "contiguous")
     out = fused_feature_regression_loss([r], [g], impl="torch")

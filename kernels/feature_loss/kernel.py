@@ -13,17 +13,20 @@ Gradient of the level's share of the loss, mean_l(mse_l + w * at_l), with respec
     d at_l / d r  = (1 / B) * (d at[b] / d q_r[b, p]) * 2 r[b, c, p]
     d at[b] / d q_r = (u - qhat_r (qhat_r . u)) / |q_r|,  u = (qhat_r - qhat_g) / at[b]   (0 when at[b] = 0)
 
-The per-sample norms and the dot product need every pixel of a sample before any dr can be written, hence two
-passes over r and g with a per-sample reduction of O(B * P) statistics in between:
+The per-sample norms and the dot product need every pixel of a sample before any dr can be written, so the
+forward reads r and g once for per-pixel statistics and the loss terms, and the backward reads them again to
+write grad_loss * dr directly (no dr is stored between the two):
 
-    _stats_kernel      r, g -> mean, rstd, q_r, q_g                      (B, P) fp32 each
-    _attention_kernel  q_r, q_g -> at (B,), at_coef (B, P) with d at_l / d r = at_coef * r (1/L, 1/B folded in)
-    _grad_kernel       r, g, mean, rstd, at_coef -> dr (like r), sse (B, P) = sum_c (r - g~)^2
+    forward   _stats_kernel      r, g -> mean, rstd, q_r, q_g, sse = sum_c (r - g~)^2     (B, P) fp32 each
+              _attention_kernel  q_r, q_g, sse -> at (B,), sse per sample (B,), at_coef (B, P) with
+                                 d (w at_l) / d r = at_coef * r (w, 1/L, 1/B folded in)
+    backward  _grad_kernel       r, g, mean, rstd, at_coef, grad_loss -> grad_loss * dr (like r)
 
-Every kernel reads in the input dtype and accumulates in fp32. The channel statistics of g are merged block by
-block with Chan's parallel formula (no E[g^2] - E[g]^2 cancellation when teacher features have a large mean);
-the squared error is summed from the elementwise difference in pass 2 rather than expanded in pass 1, so the
-reported mse stays accurate when r is already close to g~.
+Every kernel reads in the input dtype and accumulates in fp32. The channel means, sums of squared deviations
+and the co-moment sum_c (r - r_bar)(g - g_bar) are merged block by block with Chan's parallel formulas (no
+E[x^2] - E[x]^2 cancellation when teacher features have a large mean), and sse is expanded from them:
+sum (r - g~)^2 = sum r^2 - 2 sum r g~ + sum g~^2. Its rounding is about 1e-7 of sum r^2 + sum g~^2 per pixel,
+which only the reported mse sees when r is already very close to g~; the gradient is elementwise and exact.
 """
 
 from __future__ import annotations
@@ -75,6 +78,7 @@ def _stats_kernel(
     RSTD,  # out: (B, P) fp32, 1 / sqrt(var_c(g) + eps) (1 without whitening)
     Q_R,  # out: (B, P) fp32, sum_c r^2
     Q_G,  # out: (B, P) fp32, sum_c g~^2
+    SSE,  # out: (B, P) fp32, sum_c (r - g~)^2
     C,
     W,
     P,
@@ -98,34 +102,48 @@ def _stats_kernel(
     r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw, FLAT_PIXELS)
     g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
 
-    q_r = tl.zeros([BLOCK_P], dtype=tl.float32)
-    mean = tl.zeros([BLOCK_P], dtype=tl.float32)
-    m2 = tl.zeros([BLOCK_P], dtype=tl.float32)  # sum of squared deviations from the running mean
+    # Running channel means and sums of squared deviations of r and g, and their co-moment
+    # Sum_c (r - r_bar)(g - g_bar), merged block by block: no E[x^2] - E[x]^2 cancellation when a map has a large
+    # channel mean (teacher features do).
+    r_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    r_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    g_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    g_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    co = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
-        q_r += tl.sum(r * r, axis=0)
-        if WHITEN:
-            # Chan et al.: merge this block's (count, mean, m2) into the running ones.
-            seen = c0 * 1.0  # channels merged so far, as fp32 (c0 is a Python int in the interpreter)
-            count = tl.sum((c < C).to(tl.float32), axis=0)
-            block_mean = tl.sum(g, axis=0) / count
-            centred = tl.where(mask, g - block_mean[None, :], 0.0)
-            delta = block_mean - mean
-            total = seen + count
-            mean += delta * (count / total)
-            m2 += tl.sum(centred * centred, axis=0) + delta * delta * (seen * count / total)
-        else:
-            m2 += tl.sum(g * g, axis=0)
+        seen = c0 * 1.0  # channels merged so far, as fp32 (c0 is a Python int in the interpreter)
+        count = tl.sum((c < C).to(tl.float32), axis=0)
+        r_block, g_block = tl.sum(r, axis=0) / count, tl.sum(g, axis=0) / count
+        r_centred = tl.where(mask, r - r_block[None, :], 0.0)
+        g_centred = tl.where(mask, g - g_block[None, :], 0.0)
+        # Chan et al.: merge this block's (count, means, m2s, co-moment) into the running ones.
+        r_delta, g_delta = r_block - r_mean, g_block - g_mean
+        weight = seen * count / (seen + count)
+        r_m2 += tl.sum(r_centred * r_centred, axis=0) + r_delta * r_delta * weight
+        g_m2 += tl.sum(g_centred * g_centred, axis=0) + g_delta * g_delta * weight
+        co += tl.sum(r_centred * g_centred, axis=0) + r_delta * g_delta * weight
+        r_mean += r_delta * (count / (seen + count))
+        g_mean += g_delta * (count / (seen + count))
 
+    q_r = r_m2 + C * r_mean * r_mean
     if WHITEN:
-        rstd = 1.0 / tl.sqrt(m2 / C + eps)
+        # g~ = (g - g_bar) rstd has mean 0: Sum (r - g~)^2 = m2_r + C r_bar^2 - 2 rstd co + Sum g~^2.
+        rstd = 1.0 / tl.sqrt(g_m2 / C + eps)
+        q_g = g_m2 * rstd * rstd
+        cross = co * rstd
+        mean = g_mean
     else:
         rstd = tl.full([BLOCK_P], 1.0, dtype=tl.float32)
+        q_g = g_m2 + C * g_mean * g_mean
+        cross = co + C * r_mean * g_mean
+        mean = tl.zeros([BLOCK_P], dtype=tl.float32)
     out = b.to(tl.int64) * P + p
     tl.store(MEAN + out, mean, mask=p_mask)
     tl.store(RSTD + out, rstd, mask=p_mask)
     tl.store(Q_R + out, q_r, mask=p_mask)
-    tl.store(Q_G + out, m2 * rstd * rstd, mask=p_mask)
+    tl.store(Q_G + out, q_g, mask=p_mask)
+    tl.store(SSE + out, tl.maximum(q_r - 2.0 * cross + q_g, 0.0), mask=p_mask)
 
 
 @triton.jit
@@ -133,10 +151,12 @@ def _attention_kernel(
     Q_R,  # (B, P) fp32, sum_c r^2
     Q_G,  # (B, P) fp32, sum_c g~^2
     AT,  # out: (B,) fp32, at[b] = |qhat_r - qhat_g|
-    AT_COEF,  # out: (B, P) fp32, d at_l / d r = AT_COEF * r, already times grad_scale
+    AT_COEF,  # out: (B, P) fp32, d (w at_l) / d r = AT_COEF * r: grad_scale (w, the two means, the 2) folded in
+    SSE,  # (B, P) fp32, sum_c (r - g~)^2 per pixel
+    SSE_SAMPLE,  # out: (B,) fp32, its sum over the sample's pixels
     P,
     norm_eps,  # lower clamp of |q| (as in the reference)
-    grad_scale,  # 2 / (num_levels * B): the 2 of d q_r / d r = 2 r and the two means
+    grad_scale,  # 2 w / (num_levels * B): the AT weight w, the 2 of d q_r / d r = 2 r and the two means
     BLOCK: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -145,12 +165,15 @@ def _attention_kernel(
 
     sum_rr = tl.zeros([BLOCK], dtype=tl.float32)
     sum_gg = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_sse = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(0, P, BLOCK):
         mask = p0 + offsets < P
         q_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0)
         q_g = tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0)
         sum_rr += q_r * q_r
         sum_gg += q_g * q_g
+        sum_sse += tl.load(SSE + base + p0 + offsets, mask=mask, other=0.0)
+    tl.store(SSE_SAMPLE + b, tl.sum(sum_sse, axis=0))
     norm_r = tl.sqrt(tl.sum(sum_rr, axis=0))
     scale_r = 1.0 / tl.maximum(norm_r, norm_eps)
     scale_g = 1.0 / tl.maximum(tl.sqrt(tl.sum(sum_gg, axis=0)), norm_eps)
@@ -183,11 +206,11 @@ def _attention_kernel(
 def _grad_kernel(
     R,  # student map r, (B, C, H, W)
     G,  # teacher map g, (B, C, H, W)
-    DR,  # out: d loss / d r, (B, C, H, W) in r's dtype, own strides
+    DR,  # out: grad_loss * d loss / d r, (B, C, H, W) in r's dtype, own strides
     MEAN,  # (B, P) fp32
     RSTD,  # (B, P) fp32
     AT_COEF,  # (B, P) fp32
-    SSE,  # out: (B, P) fp32, sum_c (r - g~)^2
+    GRAD_LOSS,  # () fp32: the incoming gradient of the loss, read on the device (no host sync)
     C,
     W,
     P,
@@ -204,7 +227,6 @@ def _grad_kernel(
     stride_dh,
     stride_dw,
     mse_scale,  # 2 / (num_levels * N)
-    at_weight,
     FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
@@ -216,15 +238,13 @@ def _grad_kernel(
     g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
     dr_rows = _pixel_rows(DR, b, p, W, stride_db, stride_dh, stride_dw, FLAT_PIXELS)
     stats = b.to(tl.int64) * P + p
+    grad_loss = tl.load(GRAD_LOSS)
     mean = tl.load(MEAN + stats, mask=p_mask, other=0.0)
     rstd = tl.load(RSTD + stats, mask=p_mask, other=0.0)
-    at_coef = tl.load(AT_COEF + stats, mask=p_mask, other=0.0) * at_weight
+    at_coef = tl.load(AT_COEF + stats, mask=p_mask, other=0.0) * grad_loss
+    mse_coef = mse_scale * grad_loss
 
-    sse = tl.zeros([BLOCK_P], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
-        diff = tl.where(mask, r - (g - mean[None, :]) * rstd[None, :], 0.0)
-        sse += tl.sum(diff * diff, axis=0)
-        dr = mse_scale * diff + at_coef[None, :] * r
+        dr = mse_coef * (r - (g - mean[None, :]) * rstd[None, :]) + at_coef[None, :] * r
         tl.store(dr_rows[None, :] + c[:, None] * stride_dc, dr.to(DR.dtype.element_ty), mask=mask)
-    tl.store(SSE + stats, sse, mask=p_mask)

@@ -1,25 +1,26 @@
 """Launchers of the fused feature-regression loss: checks, allocation, grids; pure torch + triton.
 
-`feature_loss_forward` runs the three kernels of `kernel.py` per level and returns the loss terms together with
-d loss / d r, which the autograd layer (in `dtengine.ops`) keeps for backward: the loss is terminal, so backward
-only rescales the stored gradient by the incoming one.
+`feature_loss_forward` runs the forward kernels of `kernel.py` per level and returns the loss terms and, per
+level, the (3, B, P) statistics the backward needs (mean, rstd, at_coef); `feature_loss_backward` reads r and g
+again and writes grad_loss * d loss / d r. The autograd layer (in `dtengine.ops`) keeps r, g and the statistics
+between the two.
 
 Bytes model (per level; N = B*C*H*W elements, M = B*H*W pixels, s_r / s_g = element bytes of r / g):
 
-    pass 1  (_stats_kernel)      read r, g                     N (s_r + s_g)      write 4 stats     16 M
-    reduce  (_attention_kernel)  read q_r, q_g three times     24 M               write at_coef      4 M
-    pass 2  (_grad_kernel)       read r, g                     N (s_r + s_g)      read 3 stats      12 M
-                                 write dr                      N s_r              write sse          4 M
-    forward total                2 N (s_r + s_g) + N s_r + 60 M
-    backward (loss only used)    read dr, write grad           2 N s_r
+    forward   _stats_kernel      read r, g                     N (s_r + s_g)      write 5 stats     20 M
+              _attention_kernel  read q_r, q_g (three times), sse                 28 M, write at_coef 4 M
+    backward  _grad_kernel       read r, g                     N (s_r + s_g)      read 3 stats      12 M
+                                 write grad                    N s_r
+    total                        2 N (s_r + s_g) + N s_r + 64 M     (10 N + 64 M bytes in bf16)
 
 The O(M) terms are 1/C of the O(N) ones (C >= 512 at the paper's teacher levels), and the reduce kernel's
-re-reads are of a (B, P) array that stays in L2. Reading r and g twice is the price of the attention term: its
-gradient needs per-sample norms over all pixels before the first dr can be written. Extra memory: dr (one
-r-sized buffer, kept until backward) plus 6 fp32 arrays of M elements.
+re-reads are of a (B, P) array that stays in L2. Reading r and g twice (once per pass) is the price of the
+attention term: its gradient needs per-sample norms over all pixels. Memory held from forward to backward: the
+three (B, P) fp32 statistics, plus r and g themselves (the autograd layer keeps them; no r-sized dr buffer).
 
 Limitations: inputs must be fp32, bf16 or fp16 (fp64 goes to the reference); each level is launched separately
-(three kernels plus two small reductions), so very small levels are bound by launch latency, not bandwidth.
+(two forward kernels and two tiny torch reductions, one backward kernel), so very small levels are bound by
+launch latency, not bandwidth.
 """
 
 from __future__ import annotations
@@ -45,12 +46,12 @@ SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 class FusedFeatureLoss(NamedTuple):
-    """What the fused forward produces; loss, mse, at are 0-dim fp32, the lists hold one entry per level."""
+    """What the fused forward produces; loss, mse, at are 0-dim fp32, `stats` holds one entry per level."""
 
     loss: Tensor
     mse: Tensor
     at: Tensor
-    grads: list[Tensor]  # d loss / d r per level, r's shape, dtype and (dense) strides
+    stats: list[Tensor]  # (3, B, H*W) fp32 per level: mean, rstd, at_coef (what `feature_loss_backward` needs)
 
 
 def flat_pixels(*maps: Tensor) -> bool:
@@ -70,36 +71,18 @@ def _launch_pixel_kernel(kernel, shape: torch.Size, args: list, config: triton.C
     kernel.fn[grid](*args, **constexprs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
 
-def _level_forward(
-    r: Tensor,  # (B, C, H, W)
-    g: Tensor,  # (B, C, H, W)
-    *,
-    at_weight: float,
-    whiten: bool,
-    num_levels: int,
-    layernorm_eps: float,
-    norm_eps: float,
-    config: triton.Config | None,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One level: returns (mse_l, at_l, dr), dr being this level's share of d loss / d r (1 / L included)."""
-    batch, channels, height, width = r.shape
-    pixels = height * width
-    mean, rstd, q_r, q_g, at_coef, sse = torch.empty((6, batch, pixels), device=r.device, dtype=torch.float32)
-    at = torch.empty(batch, device=r.device, dtype=torch.float32)
-    dr = torch.empty_like(r)
+def _check_levels(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor]) -> None:
+    for level, (r, g) in enumerate(zip(student_feats, teacher_feats)):
+        if r.dtype not in SUPPORTED_DTYPES or g.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(
+                f"fused feature loss level {level}: dtypes {r.dtype}, {g.dtype}; supported {SUPPORTED_DTYPES}"
+            )
+        if not can_run_on(r.device) or g.device != r.device:
+            raise RuntimeError(f"fused feature loss level {level}: tensors on {r.device} / {g.device} cannot run here")
 
-    common = [channels, width, pixels, *r.stride(), *g.stride()]
-    flat = flat_pixels(r, g, dr)
-    stats_args = [r, g, mean, rstd, q_r, q_g, *common, layernorm_eps, whiten]
-    _launch_pixel_kernel(_stats_kernel, r.shape, stats_args, config, FLAT_PIXELS=flat)
-    _attention_kernel[(batch,)](
-        q_r, q_g, at, at_coef, pixels, norm_eps, 2.0 / (num_levels * batch), BLOCK=ATTENTION_BLOCK,
-        num_warps=ATTENTION_WARPS,
-    )  # fmt: skip
-    mse_scale = 2.0 / (num_levels * r.numel())
-    grad_args = [r, g, dr, mean, rstd, at_coef, sse, *common, *dr.stride(), mse_scale, at_weight]
-    _launch_pixel_kernel(_grad_kernel, r.shape, grad_args, config, FLAT_PIXELS=flat)
-    return sse.sum() / r.numel(), at.mean(), dr
+
+def _strides(r: Tensor, g: Tensor) -> list:
+    return [r.shape[1], r.shape[3], r.shape[2] * r.shape[3], *r.stride(), *g.stride()]
 
 
 def feature_loss_forward(
@@ -112,7 +95,7 @@ def feature_loss_forward(
     norm_eps: float,
     config: triton.Config | None = None,
 ) -> FusedFeatureLoss:
-    """Loss terms and d loss / d r of the feature-regression loss, in one fused pass per level.
+    """Loss terms of the feature-regression loss, and the statistics its backward needs, one pass per level.
 
     Args:
         student_feats: r per level, (B, C_l, H_l, W_l), fp32 / bf16 / fp16, any strides.
@@ -121,28 +104,57 @@ def feature_loss_forward(
         config: pin one of `PIXEL_TILE_CONFIGS` instead of autotuning (tests; the interpreter uses the first).
 
     Returns:
-        FusedFeatureLoss(loss, mse, at, grads); see there for shapes.
+        FusedFeatureLoss(loss, mse, at, stats); see there for shapes.
     """
-    for level, (r, g) in enumerate(zip(student_feats, teacher_feats)):
-        if r.dtype not in SUPPORTED_DTYPES or g.dtype not in SUPPORTED_DTYPES:
-            raise TypeError(
-                f"fused feature loss level {level}: dtypes {r.dtype}, {g.dtype}; supported {SUPPORTED_DTYPES}"
-            )
-        if not can_run_on(r.device) or g.device != r.device:
-            raise RuntimeError(f"fused feature loss level {level}: tensors on {r.device} / {g.device} cannot run here")
+    _check_levels(student_feats, teacher_feats)
     num_levels = len(student_feats)
-    mse_terms, at_terms, grads = [], [], []
+    mse_terms, at_terms, level_stats = [], [], []
     for r, g in zip(student_feats, teacher_feats):
-        mse_l, at_l, dr = _level_forward(
-            r, g.detach(), at_weight=at_weight, whiten=whiten, num_levels=num_levels,
-            layernorm_eps=layernorm_eps, norm_eps=norm_eps, config=config,
+        batch, pixels = r.shape[0], r.shape[2] * r.shape[3]
+        stats = torch.empty((3, batch, pixels), device=r.device, dtype=torch.float32)  # mean, rstd, at_coef
+        q_r, q_g, sse = torch.empty((3, batch, pixels), device=r.device, dtype=torch.float32)
+        at, sse_sample = torch.empty((2, batch), device=r.device, dtype=torch.float32)
+        stats_args = [r, g, stats[0], stats[1], q_r, q_g, sse, *_strides(r, g), layernorm_eps, whiten]
+        _launch_pixel_kernel(_stats_kernel, r.shape, stats_args, config, FLAT_PIXELS=flat_pixels(r, g))
+        _attention_kernel[(batch,)](
+            q_r, q_g, at, stats[2], sse, sse_sample, pixels, norm_eps, 2.0 * at_weight / (num_levels * batch),
+            BLOCK=ATTENTION_BLOCK, num_warps=ATTENTION_WARPS,
         )  # fmt: skip
-        mse_terms.append(mse_l)
-        at_terms.append(at_l)
-        grads.append(dr)
+        mse_terms.append(sse_sample.sum() / r.numel())
+        at_terms.append(at.mean())
+        level_stats.append(stats)
     mse = torch.stack(mse_terms).mean()
     at = torch.stack(at_terms).mean()
-    return FusedFeatureLoss(mse + at_weight * at, mse, at, grads)
+    return FusedFeatureLoss(mse + at_weight * at, mse, at, level_stats)
+
+
+def feature_loss_backward(
+    grad_loss: Tensor,
+    student_feats: Sequence[Tensor],
+    teacher_feats: Sequence[Tensor],
+    stats: Sequence[Tensor],
+    config: triton.Config | None = None,
+) -> list[Tensor]:
+    """grad_loss * d loss / d r per level, from the forward's inputs and statistics.
+
+    Args:
+        grad_loss: 0-dim fp32 tensor on the maps' device, the incoming gradient of the loss (read by the kernel:
+            no host sync).
+        student_feats, teacher_feats: what `feature_loss_forward` was given.
+        stats: its `stats`.
+    Returns:
+        one gradient per level, with r's shape, dtype and (dense) strides.
+    """
+    _check_levels(student_feats, teacher_feats)
+    num_levels, grads = len(student_feats), []
+    grad_loss = grad_loss.to(torch.float32).reshape(())
+    for r, g, level_stats in zip(student_feats, teacher_feats, stats):
+        dr = torch.empty_like(r)
+        mse_scale = 2.0 / (num_levels * r.numel())
+        grad_args = [r, g, dr, *level_stats, grad_loss, *_strides(r, g), *dr.stride(), mse_scale]
+        _launch_pixel_kernel(_grad_kernel, r.shape, grad_args, config, FLAT_PIXELS=flat_pixels(r, g, dr))
+        grads.append(dr)
+    return grads
 
 
 def bytes_moved(shapes: Sequence[Sequence[int]], r_bytes: int, g_bytes: int, mode: str) -> int:
@@ -150,7 +162,7 @@ def bytes_moved(shapes: Sequence[Sequence[int]], r_bytes: int, g_bytes: int, mod
     total = 0
     for batch, channels, height, width in shapes:
         n, m = batch * channels * height * width, batch * height * width
-        forward = 2 * n * (r_bytes + g_bytes) + n * r_bytes + 60 * m
-        backward = 2 * n * r_bytes
+        forward = n * (r_bytes + g_bytes) + 52 * m
+        backward = n * (r_bytes + g_bytes) + n * r_bytes + 12 * m
         total += {"fwd": forward, "bwd": backward, "full": forward + backward}[mode]
     return total

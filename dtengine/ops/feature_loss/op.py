@@ -1,17 +1,18 @@
-"""The fused feature-regression loss as a `torch.library` custom op, so `torch.compile` traces through it.
+"""The fused feature-regression loss as `torch.library` custom ops, so `torch.compile` traces through it.
 
-One op, `dtengine::fused_feature_regression_loss`, computes the loss terms *and* d loss / d r in its forward (the
-loss is terminal, so nothing else is needed for backward) and returns [loss, mse, at, *dr]. Its autograd formula
-only rescales the stored dr by the incoming gradient of `loss`; mse and at are returned for logging and carry no
-gradient (keeping r alive for their separate gradients would cost an r-sized buffer per level).
+`dtengine::fused_feature_regression_loss` returns [loss, mse, at, *stats]: the loss terms, and per level the
+(3, B, H*W) fp32 statistics (channel mean and rstd of the teacher map, the attention term's gradient coefficient)
+that `dtengine::fused_feature_regression_loss_backward` needs, with r and g, to write grad_loss * d loss / d r.
+Nothing r-sized is stored between them: the backward reads r and g again. mse and at are returned for logging and
+carry no gradient.
 
-Two implementations sit behind the op, chosen by its `impl` argument:
+Two implementations sit behind each op, chosen by its `impl` argument:
 - "triton": the kernels of `dtkernels.feature_loss` (CUDA, or the CPU interpreter under TRITON_INTERPRET=1);
-- "torch": the same two-pass computation in PyTorch ops. It lets `torch.compile` of the op be tested on a CPU
-  and double-checks the analytic gradient the kernels implement against autograd of the reference.
+- "torch": the same computation in PyTorch ops. It lets `torch.compile` of the ops be tested on a CPU and
+  double-checks the analytic gradient the kernels implement against autograd of the reference.
 
-Caution: backward allocates the scaled gradient while dr is still held, so for that moment two r-sized buffers
-per level exist; dr is released with the graph.
+Memory: r and g are kept from forward to backward (r is usually alive anyway; g, the teacher's features, would
+otherwise be freed after the forward), plus three fp32 values per pixel.
 """
 
 from __future__ import annotations
@@ -23,12 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
-from dtengine.ops.feature_loss.reference import (
-    AT_NORM_EPS,
-    LAYERNORM_EPS,
-    FeatureRegressionLoss,
-    whiten_channels,
-)
+from dtengine.ops.feature_loss.reference import AT_NORM_EPS, LAYERNORM_EPS, FeatureRegressionLoss
 
 OP_IMPLS = ("triton", "torch")
 
@@ -49,28 +45,51 @@ def attention_distance_and_grad(q_r: Tensor, q_g: Tensor, eps: float = AT_NORM_E
     return distance.squeeze(1), (unit - qhat_r * projection) * scale_r
 
 
+def _whitened(g: Tensor, whiten: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(g~, mean, rstd): g~ = (g - mean) * rstd over channels, or g itself (mean 0, rstd 1); fp32, mean and rstd
+    (B, 1, H, W)."""
+    g32 = g.detach().float()
+    if not whiten:
+        ones = g32.new_ones(g.shape[0], 1, *g.shape[2:])
+        return g32, torch.zeros_like(ones), ones
+    mean = g32.mean(1, keepdim=True)
+    rstd = torch.rsqrt(g32.var(1, unbiased=False, keepdim=True) + LAYERNORM_EPS)
+    return (g32 - mean) * rstd, mean, rstd
+
+
 def fused_forward_torch(
     student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *, at_weight: float, whiten: bool
 ) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """(loss, mse, at, [d loss / d r per level]) in PyTorch ops, mirroring the Triton kernels' two passes."""
+    """(loss, mse, at, [stats per level]) in PyTorch ops, mirroring the Triton forward kernels."""
     num_levels = len(student_feats)
-    mse_terms, at_terms, grads = [], [], []
+    mse_terms, at_terms, level_stats = [], [], []
     for r, g in zip(student_feats, teacher_feats):
-        batch, _, height, width = r.shape
+        batch = r.shape[0]
         r32 = r.float()
-        target = whiten_channels(g.detach(), LAYERNORM_EPS) if whiten else g.detach().float()
-        diff = r32 - target  # (B, C, H, W)
+        target, mean, rstd = _whitened(g, whiten)
         distance, grad_q = attention_distance_and_grad(
             r32.pow(2).sum(1).flatten(1), target.pow(2).sum(1).flatten(1)
         )  # (B,), (B, H*W)
-        at_coef = grad_q.view(batch, 1, height, width) * (2.0 / (num_levels * batch))
-        grad = diff * (2.0 / (num_levels * r.numel())) + at_weight * at_coef * r32
-        grads.append(torch.empty_like(r).copy_(grad))  # the strides the fake implementation promises
-        mse_terms.append(diff.pow(2).mean())
+        at_coef = grad_q * (2.0 * at_weight / (num_levels * batch))
+        level_stats.append(torch.stack([mean.flatten(1), rstd.flatten(1), at_coef]))
+        mse_terms.append((r32 - target).pow(2).mean())
         at_terms.append(distance.mean())
     mse = torch.stack(mse_terms).mean()
     at = torch.stack(at_terms).mean()
-    return mse + at_weight * at, mse, at, grads
+    return mse + at_weight * at, mse, at, level_stats
+
+
+def fused_backward_torch(
+    grad_loss: Tensor, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], stats: Sequence[Tensor]
+) -> list[Tensor]:
+    """grad_loss * d loss / d r per level in PyTorch ops, mirroring `_grad_kernel`."""
+    grads = []
+    for r, g, (mean, rstd, at_coef) in zip(student_feats, teacher_feats, stats):
+        shape = (r.shape[0], 1, *r.shape[2:])
+        r32, target = r.float(), (g.float() - mean.view(shape)) * rstd.view(shape)
+        grad = (r32 - target) * (2.0 / (len(student_feats) * r.numel())) + at_coef.view(shape) * r32
+        grads.append(torch.empty_like(r).copy_(grad * grad_loss))  # the strides the fake implementation promises
+    return grads
 
 
 @torch.library.custom_op("dtengine::fused_feature_regression_loss", mutates_args=())
@@ -81,28 +100,51 @@ def _fused_op(student: list[Tensor], teacher: list[Tensor], at_weight: float, wh
         out = feature_loss_forward(
             student, teacher, at_weight=at_weight, whiten=whiten, layernorm_eps=LAYERNORM_EPS, norm_eps=AT_NORM_EPS
         )
-        loss, mse, at, grads = out.loss, out.mse, out.at, out.grads
+        loss, mse, at, stats = out.loss, out.mse, out.at, out.stats
     else:
-        loss, mse, at, grads = fused_forward_torch(student, teacher, at_weight=at_weight, whiten=whiten)
-    return [loss, mse, at, *grads]
+        loss, mse, at, stats = fused_forward_torch(student, teacher, at_weight=at_weight, whiten=whiten)
+    return [loss, mse, at, *stats]
 
 
 @_fused_op.register_fake
 def _fused_op_fake(student, teacher, at_weight, whiten, impl):
     scalars = [student[0].new_empty((), dtype=torch.float32) for _ in range(3)]
-    return [*scalars, *(torch.empty_like(r) for r in student)]
+    stats = [r.new_empty((3, r.shape[0], r.shape[2] * r.shape[3]), dtype=torch.float32) for r in student]
+    return [*scalars, *stats]
+
+
+@torch.library.custom_op("dtengine::fused_feature_regression_loss_backward", mutates_args=())
+def _fused_backward_op(
+    grad_loss: Tensor, student: list[Tensor], teacher: list[Tensor], stats: list[Tensor], impl: str
+) -> list[Tensor]:
+    if impl == "triton":
+        from dtkernels.feature_loss import feature_loss_backward
+
+        return feature_loss_backward(grad_loss, student, teacher, stats)
+    return fused_backward_torch(grad_loss, student, teacher, stats)
+
+
+@_fused_backward_op.register_fake
+def _fused_backward_op_fake(grad_loss, student, teacher, stats, impl):
+    return [torch.empty_like(r) for r in student]
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.set_materialize_grads(False)  # mse, at and the dr outputs get no incoming gradient: skip their zeros
+    student, teacher, _, _, impl = inputs
+    ctx.set_materialize_grads(False)  # mse, at and the statistics get no incoming gradient: skip their zeros
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*output[3:])
+    ctx.num_levels, ctx.impl = len(student), impl
+    ctx.save_for_backward(*student, *teacher, *output[3:])
 
 
 def _backward(ctx, grads):
-    grad_loss = grads[0]
-    student_grads = [None if grad_loss is None else dr * grad_loss for dr in ctx.saved_tensors]
-    return student_grads, [None] * len(student_grads), None, None, None
+    grad_loss, levels = grads[0], ctx.num_levels
+    if grad_loss is None:
+        return [None] * levels, [None] * levels, None, None, None
+    saved = ctx.saved_tensors
+    student, teacher, stats = saved[:levels], saved[levels : 2 * levels], saved[2 * levels :]
+    student_grads = _fused_backward_op(grad_loss, list(student), list(teacher), list(stats), ctx.impl)
+    return student_grads, [None] * levels, None, None, None
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup_context)
