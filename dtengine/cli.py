@@ -41,6 +41,14 @@ def _distill(args: argparse.Namespace) -> None:
         print(f"loss curve: {result.loss_curve}")
 
 
+def _teacher_info(args: argparse.Namespace) -> None:
+    from dtengine import load_config
+    from dtengine.teachers import describe_teacher
+
+    cfg = load_config(args.config, args.overrides)
+    print("\n".join(describe_teacher(cfg.teacher, cfg.data.image_size).lines()))
+
+
 def _train_teacher(args: argparse.Namespace) -> None:
     from dtengine import load_config
     from dtengine.train.teacher_training import TeacherTrainingConfig, train_teacher
@@ -116,6 +124,13 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     distill.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. train.steps=50")
     distill.set_defaults(func=_distill)
+
+    info = commands.add_parser(
+        "teacher-info", help="the configured teacher's levels, channels, strides, parameters and FLOPs per image"
+    )
+    info.add_argument("--config", help="YAML config of a distillation run (see configs/)")
+    info.add_argument("overrides", nargs="*", metavar="key=value", help="e.g. teacher.kind=adm teacher.blocks=[2,5]")
+    info.set_defaults(func=_teacher_info)
 
     teacher = commands.add_parser("train-teacher", help="train a small pixel-space DDPM teacher")
     teacher.add_argument("--out", help="output directory (same as out_dir=DIR)")

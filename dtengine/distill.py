@@ -42,7 +42,7 @@ from dtengine.runtime.device import (
     use_channels_last,
 )
 from dtengine.students.student import DistillationStudent, StudentConfig
-from dtengine.teachers.diffusion import build_diffusion_teacher
+from dtengine.teachers.build import build_teacher
 from dtengine.teachers.interface import Teacher
 from dtengine.teachers.interpreter import FeatureInterpreter, load_interpreter
 
@@ -116,7 +116,7 @@ class Distiller(nn.Module):
         """The step a run config (`dtengine.load_config(...)`, a `RunConfig`) describes: its teacher, distill,
         student, loss and train sections, on `device` (default `train.device`), in channels_last on CUDA."""
         device = resolve_device(cfg.train.device, "train.device") if device is None else torch.device(device)
-        teacher = build_diffusion_teacher(cfg.teacher, device)
+        teacher = build_teacher(cfg.teacher, device)
         interpreter = None
         if cfg.distill.mode != "feature":
             interpreter = load_interpreter(cfg.distill.interpreter, teacher.levels, device)

@@ -72,7 +72,7 @@ def test_early_exit_equals_full_forward(make_unet, feature_point):
         sample = torch.randn(2, 3, TINY_IMAGE, TINY_IMAGE)
         timesteps = torch.full((2,), 50)
         with torch.no_grad():
-            ours = teacher.decoder_features(sample, timesteps)
+            ours = teacher.features(sample, timesteps)
         before, after = full_forward_taps(unet, sample, timesteps)
         taps = before if feature_point == "before_upsample" else after
         assert len(ours) == len(blocks)

@@ -24,7 +24,9 @@ from dtengine.runtime.config import config_from_dict
 from dtengine.runtime.device import seeded
 from dtengine.runtime.errors import CheckpointError
 from dtengine.students.backbone import InputNormalization, create_backbone
-from dtengine.teachers.diffusion import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
+from dtengine.teachers.build import build_teacher
+from dtengine.teachers.config import TeacherConfig
+from dtengine.teachers.noising import NoisingTeacher
 
 
 class BackboneSource(nn.Module):
@@ -55,7 +57,7 @@ class TeacherSource(nn.Module):
 
     finetunable = False
 
-    def __init__(self, teacher: DiffusionTeacher, seed: int):
+    def __init__(self, teacher: NoisingTeacher, seed: int):
         super().__init__()
         self.teacher = teacher
         self.channels: list[int] = [level.channels for level in teacher.levels]
@@ -177,5 +179,5 @@ def random_source(model_name: str, seed: int) -> BackboneSource:
 
 
 def teacher_source(cfg: TeacherConfig, seed: int, device: torch.device | str = "cpu") -> TeacherSource:
-    """The frozen teacher (`build_diffusion_teacher`) as a feature source whose noise is drawn from `seed`."""
-    return TeacherSource(build_diffusion_teacher(cfg, device), seed)
+    """The frozen teacher (`build_teacher`) as a feature source whose noise is drawn from `seed`."""
+    return TeacherSource(build_teacher(cfg, device), seed)

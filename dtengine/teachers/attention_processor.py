@@ -12,8 +12,6 @@ from torch import Tensor, nn
 
 from dtengine.ops import attention
 
-ATTENTION_IMPLEMENTATIONS = ("dtengine", "diffusers")
-
 
 class DTEngineAttnProcessor:
     """Self-attention through `dtengine.ops.attention(backend=backend)`; anything else through diffusers."""

@@ -1,4 +1,4 @@
-"""Diffusion teacher: noise-encode real images at step t, run one U-Net pass, return decoder features.
+"""The diffusers teacher (kind "unet"): noise-encode real images at step t, one U-Net pass, decoder features.
 
 The feature path is an explicit re-statement of `diffusers.UNet2DModel.forward` that stops after the last
 requested up (decoder) block: the remaining decoder blocks and the output head are never run, and no hooks
@@ -8,69 +8,31 @@ sit in the hot path (hooks and `torch.compile` mix badly). Tests check it agains
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from dtengine.levels import TeacherLevel
-from dtengine.runtime.device import PRECISIONS, resolve_precision, seeded
-from dtengine.runtime.errors import ConfigError, TeacherError
-from dtengine.teachers.attention_processor import ATTENTION_IMPLEMENTATIONS, use_dtengine_attention
-from dtengine.teachers.interface import TeacherOutput
+from dtengine.runtime.device import seeded
+from dtengine.runtime.errors import TeacherError
+from dtengine.teachers.attention_processor import use_dtengine_attention
+from dtengine.teachers.config import TeacherConfig
+from dtengine.teachers.noising import NoisingTeacher
 
-FEATURE_POINTS = ("before_upsample", "after_upsample")
-WEIGHTS = ("trained", "untrained")
 BUILTIN_TEACHER = Path(__file__).resolve().parent.parent / "assets" / "teacher-shapes64"
 SUPPORTED_UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
-
-
-@dataclass
-class TeacherConfig:
-    """The generative teacher whose features the student learns to predict."""
-
-    path: str = "builtin"
-    """Local diffusers directory: a pipeline folder with `unet/` (and optionally `scheduler/`), or a bare
-    `UNet2DModel` folder. "builtin" is the small DDPM shipped with dtengine, trained on the built-in shapes."""
-    timestep: int = 50
-    """Diffusion step t the real image is noised to before the single U-Net pass (paper: 150 ImageNet, 50 LSUN)."""
-    blocks: list[int] = field(default_factory=lambda: [0, 1, 2])
-    """Indices of the U-Net up blocks to read, 0 = the deepest (lowest resolution) decoder block."""
-    feature_point: str = "before_upsample"
-    """Read a block's output before its upsampler (at the block's own resolution) or after it."""
-    precision: str = "auto"
-    """"auto": bf16 on a CUDA device that supports it, fp32 elsewhere; or force "fp32" / "bf16"."""
-    weights: str = "trained"
-    """"trained": the weights in `path`. "untrained": the same architecture with diffusers' random initialisation
-    (seeded by `untrained_seed`): the control run that shows whether the teacher's training is what the student
-    learns from."""
-    untrained_seed: int = 0
-    attention: str = "dtengine"
-    """Self-attention implementation: "dtengine" routes it through `dtengine.ops.attention` (Triton on CUDA,
-    SDPA otherwise; DTENGINE_ATTENTION_BACKEND forces one), "diffusers" keeps diffusers' default processor."""
-
-    def __post_init__(self) -> None:
-        if self.feature_point not in FEATURE_POINTS:
-            raise ConfigError(f"teacher.feature_point must be one of {FEATURE_POINTS}, got {self.feature_point!r}")
-        if self.weights not in WEIGHTS:
-            raise ConfigError(f"teacher.weights must be one of {WEIGHTS}, got {self.weights!r}")
-        if self.precision not in PRECISIONS:
-            raise ConfigError(f"teacher.precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if self.attention not in ATTENTION_IMPLEMENTATIONS:
-            raise ConfigError(f"teacher.attention must be one of {ATTENTION_IMPLEMENTATIONS}, got {self.attention!r}")
-        if not self.blocks:
-            raise ConfigError("teacher.blocks is empty; list at least one decoder block index, e.g. [0, 1, 2]")
-        if sorted(set(self.blocks)) != list(self.blocks):
-            raise ConfigError(f"teacher.blocks must be strictly increasing, got {list(self.blocks)}")
 
 
 def resolve_teacher_path(path: str) -> Path:
     return BUILTIN_TEACHER if path == "builtin" else Path(path).expanduser()
 
 
-def load_diffusion_components(path: str) -> tuple[nn.Module, object]:
-    """Load (UNet2DModel, DDPMScheduler) from a local folder, offline; errors name the folder and the fix."""
+def load_diffusion_components(path: str, load_weights: bool = True) -> tuple[nn.Module, object]:
+    """Load (UNet2DModel, DDPMScheduler) from a local folder, offline; errors name the folder and the fix.
+
+    load_weights=False builds the U-Net from its config.json alone (randomly initialised; on the meta device it
+    costs nothing), for describing a teacher without reading its weights."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     root = resolve_teacher_path(path)
@@ -96,7 +58,10 @@ def load_diffusion_components(path: str) -> tuple[nn.Module, object]:
             "(pixel-space DDPM) teachers are supported so far"
         )
     try:
-        unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
+        if not load_weights:
+            unet = UNet2DModel.from_config(UNet2DModel.load_config(unet_dir))
+        else:
+            unet = UNet2DModel.from_pretrained(unet_dir, local_files_only=True, low_cpu_mem_usage=False)
     except (OSError, ValueError, RuntimeError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise TeacherError(f"cannot load teacher weights from '{unet_dir}': {first_line}") from err
@@ -108,7 +73,7 @@ def load_diffusion_components(path: str) -> tuple[nn.Module, object]:
     return unet, scheduler
 
 
-class DiffusionTeacher(nn.Module):
+class DiffusionTeacher(NoisingTeacher):
     """Frozen diffusers `UNet2DModel` that maps clean images to multi-scale decoder features.
 
     Args:
@@ -118,19 +83,15 @@ class DiffusionTeacher(nn.Module):
     """
 
     def __init__(self, unet: nn.Module, scheduler: object, cfg: TeacherConfig):
-        super().__init__()
-        self.unet = unet.eval().requires_grad_(False)
-        self.scheduler = scheduler
-        self.cfg = cfg
-        self._check(unet, scheduler, cfg)
+        super().__init__(unet, scheduler, cfg)
+        self._check(unet, cfg)
         if cfg.attention == "dtengine":
             use_dtengine_attention(self.unet)
         self.levels = self._describe_levels()
         self.last_block = max(cfg.blocks)
-        self.train(False)
 
     @staticmethod
-    def _check(unet: nn.Module, scheduler: object, cfg: TeacherConfig) -> None:
+    def _check(unet: nn.Module, cfg: TeacherConfig) -> None:
         n_up = len(unet.up_blocks)
         bad = [b for b in cfg.blocks if not 0 <= b < n_up]
         if bad:
@@ -145,24 +106,10 @@ class DiffusionTeacher(nn.Module):
             raise TeacherError("U-Nets with skip down blocks (SkipDownBlock2D) are not supported as teachers")
         if unet.class_embedding is not None:
             raise TeacherError("class-conditional U-Nets are not supported as teachers yet; use an unconditional one")
-        steps = scheduler.config.num_train_timesteps
-        if not 0 <= cfg.timestep < steps:
-            raise TeacherError(f"teacher.timestep {cfg.timestep} out of range for a {steps}-step schedule")
 
     @property
     def total_stride(self) -> int:
-        """How much the U-Net downsamples: image sides must be multiples of it for the skips to line up."""
         return 2 ** sum(block.downsamplers is not None for block in self.unet.down_blocks)
-
-    def check_image_size(self, image_size: int, key: str = "data.image_size") -> None:
-        """Raises: ConfigError when `image_size` does not divide by `total_stride`."""
-        stride = self.total_stride
-        if image_size % stride:
-            lower, upper = max(stride, image_size - image_size % stride), image_size - image_size % stride + stride
-            raise ConfigError(
-                f"{key} {image_size} is not a multiple of the teacher's total stride {stride} (its U-Net halves the "
-                f"image {stride.bit_length() - 1} times); use e.g. {lower} or {upper}"
-            )
 
     def _describe_levels(self) -> list[TeacherLevel]:
         # Strides follow from the sampler counts alone, so a big teacher needs no dry run to describe itself.
@@ -178,40 +125,9 @@ class DiffusionTeacher(nn.Module):
             ups_before += has_up
         return levels
 
-    def train(self, mode: bool = True) -> DiffusionTeacher:
-        # A frozen teacher stays in eval mode even when a parent module is switched to training.
-        return super().train(False)
-
-    @property
-    def compute_dtype(self) -> torch.dtype:
-        return resolve_precision(self.cfg.precision, next(self.unet.parameters()).device)
-
-    @torch.no_grad()
-    def forward(self, images: Tensor, noise: Tensor | None = None) -> TeacherOutput:
-        """Noise-encode `images` at step t and read the requested decoder features.
-
-        Fresh noise for every call is the paper's stochastic DDPM encoding (it beats DDIM inversion). The caller
-        normally draws it (the `Distiller` keys it by sample); without it, it comes from torch's global generator.
-
-        Args:
-            images: clean images in [0, 1], (B, 3, H, W).
-            noise: standard-normal noise of the images' shape, or None.
-        Returns:
-            TeacherOutput(images, features): the same images (what the student sees) and one map per level,
-            features[i] of shape (B, levels[i].channels, H / levels[i].stride, W / levels[i].stride).
-        """
-        x0 = images.float() * 2 - 1  # DDPMs are trained on [-1, 1]
-        timesteps = torch.full((x0.shape[0],), self.cfg.timestep, device=x0.device, dtype=torch.long)
-        noise = torch.randn_like(x0) if noise is None else noise
-        noisy = self.scheduler.add_noise(x0, noise.to(x0.dtype), timesteps)
-        dtype = self.compute_dtype
-        with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
-            features = self.decoder_features(noisy, timesteps)
-        return TeacherOutput(images=images, features=features)
-
-    def decoder_features(self, sample: Tensor, timesteps: Tensor) -> list[Tensor]:
+    def features(self, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
         """`UNet2DModel.forward` up to the last requested up block; returns that block set's features."""
-        unet = self.unet
+        unet, sample = self.unet, x_t
         if unet.config.center_input_sample:
             sample = 2 * sample - 1.0
         t_emb = unet.time_proj(timesteps).to(dtype=unet.dtype)
@@ -254,9 +170,11 @@ def _up_block_forward(block: nn.Module, hidden: Tensor, res_samples: tuple[Tenso
     return before, hidden
 
 
-def build_diffusion_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu") -> DiffusionTeacher:
-    """The frozen teacher `cfg` describes, on `device`."""
-    unet, scheduler = load_diffusion_components(cfg.path)
+def build_diffusion_teacher(
+    cfg: TeacherConfig, device: torch.device | str = "cpu", load_weights: bool = True
+) -> DiffusionTeacher:
+    """The frozen teacher `cfg` describes, on `device` (load_weights: see `load_diffusion_components`)."""
+    unet, scheduler = load_diffusion_components(cfg.path, load_weights)
     if cfg.weights == "untrained":
         unet = untrained_copy(unet, cfg.untrained_seed)
     return DiffusionTeacher(unet, scheduler, cfg).to(device)

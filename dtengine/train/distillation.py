@@ -57,6 +57,7 @@ from dtengine.runtime.logging import (
     plot_loss_curve,
     progress_bar,
 )
+from dtengine.teachers.build import describe_teacher
 from dtengine.train.optim import build_optimizer, build_scheduler, optimizer_step
 from dtengine.train.run_checkpoint import clean_partial_checkpoints, resume_run, save_run
 from dtengine.train.run_config import RunConfig
@@ -338,6 +339,7 @@ def banner(run: DistillationRun, changes: list[str], cursor) -> str:
         f"global batch {run.global_batch}; optim.lr {cfg.optim.lr:g} applies to the global batch as configured "
         "(no rescaling with the world size)",
         f"images: {cfg.data.image_size} px, crop {cfg.data.crop}",
+        *describe_teacher(cfg.teacher, cfg.data.image_size).lines(),
     ]
     unused = cursor.unused_per_epoch()
     if unused:

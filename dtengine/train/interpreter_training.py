@@ -3,7 +3,7 @@ images, then measure its mIoU on held-out shards.
 
 The labelled set is the first `num_labelled` samples with a "seg.png" label map, reading the shards in sorted
 order (no shuffling), so the same shards always give the same set. Every step draws a minibatch from it, flips it
-(image and labels together) and noises it afresh at the teacher's t, exactly as `DiffusionTeacher.forward` does
+(image and labels together) and noises it afresh at the teacher's t, exactly as the teacher's own forward does
 during distillation. Writes into out_dir: interpreter.safetensors, interpreter.json (architecture, teacher levels
 and config, held-out mIoU), metrics.jsonl.
 """
@@ -27,8 +27,10 @@ from dtengine.runtime.device import resolve_device
 from dtengine.runtime.errors import ConfigError, DataError, OutputDirError
 from dtengine.runtime.io import prepare_output_dir
 from dtengine.runtime.logging import MetricsLogger, StepWindow, progress_bar
-from dtengine.teachers.diffusion import DiffusionTeacher, TeacherConfig, build_diffusion_teacher
+from dtengine.teachers.build import build_teacher
+from dtengine.teachers.config import TeacherConfig
 from dtengine.teachers.interpreter import WEIGHTS_FILE, FeatureInterpreter, save_interpreter
+from dtengine.teachers.noising import NoisingTeacher
 
 _BUILTIN_PATTERNS = ("builtin", "builtin:train", "builtin:val")
 
@@ -103,7 +105,7 @@ def _num_classes(cfg: InterpreterTrainingConfig, *label_sets: torch.Tensor) -> i
 
 @torch.no_grad()
 def evaluate_interpreter(
-    teacher: DiffusionTeacher, interpreter: FeatureInterpreter, split: LabelledSplit, batch: int
+    teacher: NoisingTeacher, interpreter: FeatureInterpreter, split: LabelledSplit, batch: int
 ) -> dict:
     """Held-out mIoU, pixel accuracy and per-class IoU of the interpreter's argmax at the labels' resolution."""
     interpreter.eval()
@@ -158,7 +160,7 @@ def _flush_denormals(enabled: bool):
 
 
 def _fit_and_save(cfg, device, out_dir, train: LabelledSplit, val, num_classes) -> tuple[Path, dict | None]:
-    teacher = build_diffusion_teacher(cfg.teacher, device)
+    teacher = build_teacher(cfg.teacher, device)
     teacher.check_image_size(cfg.data.image_size)
     interpreter = FeatureInterpreter(teacher.levels, num_classes, cfg.channels, cfg.dropout, cfg.output_stride)
     interpreter = interpreter.to(device)

@@ -22,7 +22,7 @@ from dtengine.runtime.device import PRECISIONS
 from dtengine.runtime.errors import CheckpointError, ConfigError
 from dtengine.runtime.logging import parse_step_range
 from dtengine.students.student import StudentConfig
-from dtengine.teachers.diffusion import TeacherConfig
+from dtengine.teachers.config import TeacherConfig
 from dtengine.train.optim import OptimConfig
 from dtengine.train.stopping import NONFINITE_POLICIES
 

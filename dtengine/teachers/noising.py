@@ -1,0 +1,88 @@
+"""What the diffusion teachers share: noise clean images to step t, then one frozen network pass that returns
+the tapped features, at the teacher's precision.
+
+A subclass provides the network pass (`features`), its total stride and its levels; the rest lives here once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dtengine.levels import TeacherLevel
+from dtengine.runtime.device import resolve_precision
+from dtengine.runtime.errors import ConfigError, TeacherError
+from dtengine.teachers.interface import TeacherOutput
+
+
+class NoisingTeacher(nn.Module):
+    """A frozen diffusion network `unet` read at step `cfg.timestep` of `scheduler`'s forward process.
+
+    Args:
+        unet: the network; frozen and kept in eval mode here.
+        scheduler: a `diffusers.DDPMScheduler` giving the forward-noising schedule.
+        cfg: the teacher config (`TeacherConfig`): step, blocks, precision.
+    """
+
+    levels: list[TeacherLevel]
+
+    def __init__(self, unet: nn.Module, scheduler: object, cfg):
+        super().__init__()
+        self.unet = unet.eval().requires_grad_(False)
+        self.scheduler = scheduler
+        self.cfg = cfg
+        self.train(False)
+        steps = scheduler.config.num_train_timesteps
+        if not 0 <= cfg.timestep < steps:
+            raise TeacherError(f"teacher.timestep {cfg.timestep} out of range for a {steps}-step schedule")
+
+    @property
+    def total_stride(self) -> int:
+        """How much the network downsamples: image sides must be multiples of it for the skips to line up."""
+        raise NotImplementedError
+
+    def features(self, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
+        """One network pass on already-noised images x_t (B, 3, H, W) at steps (B,), with no noise of its own;
+        returns the tapped features (what a check against the original implementation compares)."""
+        raise NotImplementedError
+
+    def check_image_size(self, image_size: int, key: str = "data.image_size") -> None:
+        """Raises: ConfigError when `image_size` does not divide by `total_stride`."""
+        stride = self.total_stride
+        if image_size % stride:
+            lower, upper = max(stride, image_size - image_size % stride), image_size - image_size % stride + stride
+            raise ConfigError(
+                f"{key} {image_size} is not a multiple of the teacher's total stride {stride} (its U-Net halves the "
+                f"image {stride.bit_length() - 1} times); use e.g. {lower} or {upper}"
+            )
+
+    def train(self, mode: bool = True) -> NoisingTeacher:
+        # A frozen teacher stays in eval mode even when a parent module is switched to training.
+        return super().train(False)
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        return resolve_precision(self.cfg.precision, next(self.unet.parameters()).device)
+
+    @torch.no_grad()
+    def forward(self, images: Tensor, noise: Tensor | None = None) -> TeacherOutput:
+        """Noise-encode `images` at step t and read the requested features.
+
+        Fresh noise for every call is the paper's stochastic DDPM encoding (it beats DDIM inversion). The caller
+        normally draws it (the `Distiller` keys it by sample); without it, it comes from torch's global generator.
+
+        Args:
+            images: clean images in [0, 1], (B, 3, H, W).
+            noise: standard-normal noise of the images' shape, or None.
+        Returns:
+            TeacherOutput(images, features): the same images (what the student sees) and one map per level,
+            features[i] of shape (B, levels[i].channels, H / levels[i].stride, W / levels[i].stride).
+        """
+        x0 = images.float() * 2 - 1  # diffusion models are trained on [-1, 1]
+        timesteps = torch.full((x0.shape[0],), self.cfg.timestep, device=x0.device, dtype=torch.long)
+        noise = torch.randn_like(x0) if noise is None else noise
+        noisy = self.scheduler.add_noise(x0, noise.to(x0.dtype), timesteps)
+        dtype = self.compute_dtype
+        with torch.autocast(device_type=x0.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            features = self.features(noisy, timesteps)
+        return TeacherOutput(images=images, features=features)
