@@ -44,7 +44,8 @@ setup(
     extras_require={
         "dali": ["nvidia-dali-cuda130"],
         "xformers": ["xformers"],
-        "dev": ["pytest>=8", "ruff>=0.6"],
+        "latent": ["transformers>=4.40"],  # the empty-prompt embedding of latent_unet teachers, computed once
+        "dev": ["pytest>=8", "ruff>=0.6", "transformers>=4.40"],  # the tests build a tiny CLIP text encoder
     },
     entry_points={"console_scripts": ["dtengine=dtengine.cli:main"]},
 )

@@ -182,7 +182,7 @@ def naive_step(name: str, cfg, device: torch.device, scratch: Path):
     with seeded(cfg.train.seed):
         student = DistillationStudent(cfg.student, teacher.levels).to(device).train()
     loop = NaiveDistillation(
-        teacher.unet, teacher.scheduler, list(cfg.teacher.blocks), cfg.teacher.timestep, student,
+        teacher.unet, teacher.scheduler, list(teacher.cfg.blocks), cfg.teacher.timestep, student,
         jpeg_folder(cfg, scratch), cfg.data.image_size, cfg.data.batch_size, cfg.data.num_workers, cfg.optim.lr,
         device,
     )  # fmt: skip

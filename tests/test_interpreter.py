@@ -92,7 +92,9 @@ def test_train_interpreter_saves_loads_and_evaluates(tiny_interpreter_dir, tiny_
     logits = interpreter(teacher(torch.rand(2, 3, 32, 32)).features)
     assert logits.shape == (2, 5, 8, 8)  # finest tiny level: stride 4
 
-    other = build_diffusion_teacher(load_config(None, [f"teacher.path={tiny_teacher_dir}"]).teacher)  # blocks 0..2
+    other = build_diffusion_teacher(
+        load_config(None, [f"teacher.path={tiny_teacher_dir}", "teacher.blocks=[0,1,2]"]).teacher
+    )
     with pytest.raises(CheckpointError, match="trained on teacher levels"):
         load_interpreter(tiny_interpreter_dir, other.levels)
     with pytest.raises(CheckpointError, match="does not exist"):

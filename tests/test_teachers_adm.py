@@ -167,7 +167,7 @@ def test_flags_come_from_the_preset_then_guided_diffusions_defaults():
     ]:
         with pytest.raises(ConfigError, match=match):
             load_config(None, ["teacher.kind=adm", bad])
-    with pytest.raises(ConfigError, match="kind=unet only"):
+    with pytest.raises(ConfigError, match="applies to diffusers models"):
         load_config(None, ["teacher.kind=adm", "teacher.attention=diffusers"])
     with pytest.raises(ConfigError, match="no default for image_size 48"):
         ADMConfig(image_size=48).resolved()
@@ -194,7 +194,7 @@ def test_teacher_info_of_the_paper_teacher_from_its_architecture_alone(capsys):
 
     assert main(["teacher-info", "--config", "configs/imagenet_resnet50.yaml", "teacher.path=/not/read.pt"]) == 0
     out = capsys.readouterr().out
-    assert "552.8 M parameters" in out and "GFLOPs per 256 px image" in out
+    assert "552.8 M parameters, 1.13 TFLOPs per 256 px image" in out
     for stride, channels in [(32, 1024), (16, 1024), (8, 512), (4, 512)]:
         assert f"stride {stride}, {channels} channels" in out
 
@@ -206,13 +206,15 @@ def test_every_shipped_config_describes_its_teacher(config):
     assert info.levels and info.flops_per_image > 0
 
 
-def test_two_step_distillation_from_an_adm_teacher(tiny_run_overrides):
+def test_two_step_distillation_from_an_adm_teacher(tiny_run_overrides, capsys):
     overrides = [o for o in tiny_run_overrides if not o.startswith(("teacher.", "train.steps", "checkpoint."))]
     cfg = load_config(None, [*overrides, *TINY_FLAGS, "train.steps=2", "checkpoint.every=2"])
     info = describe_teacher(cfg.teacher, cfg.data.image_size)
     assert [(lv.block, lv.stride) for lv in info.levels] == [(1, 8), (3, 4)]
     result = run_distillation(cfg)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+    printed = capsys.readouterr().out  # the run starts by saying what teacher-info says
+    assert "\n".join(info.lines()) in printed
 
 
 @torch.no_grad()
@@ -240,3 +242,14 @@ def test_an_adm_teacher_is_frozen_and_stays_in_eval_mode():
     teacher.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_unset_blocks_take_the_last_block_at_each_backbone_stride(tiny_teacher_dir):
+    adm = describe_teacher(TeacherConfig(kind="adm", adm=ADMConfig(preset="imagenet256-uncond")), 256)
+    assert [(lv.block, lv.stride) for lv in adm.levels] == [(2, 32), (5, 16), (8, 8), (11, 4)]
+    after = describe_teacher(
+        TeacherConfig(kind="adm", feature_point="after_upsample", adm=ADMConfig(preset="imagenet256-uncond")), 256
+    )
+    assert [(lv.block, lv.stride) for lv in after.levels] == [(1, 32), (4, 16), (7, 8), (10, 4)]
+    builtin = describe_teacher(TeacherConfig(), 64)
+    assert [(lv.block, lv.stride) for lv in builtin.levels] == [(0, 16), (1, 8), (2, 4)]

@@ -28,7 +28,7 @@ from dtengine.levels import TeacherLevel
 from dtengine.ops import attention
 from dtengine.runtime.device import seeded
 from dtengine.runtime.errors import ConfigError, TeacherError
-from dtengine.teachers.noising import NoisingTeacher
+from dtengine.teachers.noising import NoisingTeacher, state_dict_mismatch
 
 PRESETS = {
     # The released unconditional 256 px checkpoints (guided-diffusion's README, MODEL_FLAGS): ImageNet
@@ -381,23 +381,11 @@ def load_adm_state_dict(path: str) -> dict[str, Tensor]:
 
 def load_strict(model: ADMUNet, state: dict[str, Tensor], source: str) -> None:
     """Copy `state` into `model`; any key missing, unexpected or of another shape is an error naming them."""
-    expected = model.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    reshaped = [
-        f"{key} {tuple(state[key].shape)} vs {tuple(expected[key].shape)}"
-        for key in sorted(expected.keys() & state.keys())
-        if state[key].shape != expected[key].shape
-    ]
-    problems = [
-        f"{len(found)} {what} (e.g. {', '.join(found[:3])})"
-        for what, found in (("missing", missing), ("unexpected", unexpected), ("of another shape", reshaped))
-        if found
-    ]
+    problems, unexpected = state_dict_mismatch(model, state)
     if problems:
         hint = " (label_emb: a class-conditional checkpoint)" if "label_emb.weight" in unexpected else ""
         raise TeacherError(
-            f"ADM checkpoint '{source}' does not match the teacher.adm flags: {'; '.join(problems)}{hint}; set "
+            f"ADM checkpoint '{source}' does not match the teacher.adm flags: {problems}{hint}; set "
             "teacher.adm.preset or the flags (named as guided-diffusion's MODEL_FLAGS) to the checkpoint's"
         )
     model.load_state_dict({key: value.float() for key, value in state.items()}, strict=True)
@@ -422,14 +410,10 @@ class ADMTeacher(NoisingTeacher):
 
     def __init__(self, unet: ADMUNet, scheduler: object, cfg):
         super().__init__(unet, scheduler, cfg)
-        count = len(unet.output_blocks)
-        bad = [b for b in cfg.blocks if not 0 <= b < count]
-        if bad:
-            raise TeacherError(
-                f"teacher.blocks {bad} out of range: this ADM U-Net has {count} output blocks (valid: 0..{count - 1})"
-            )
         self.before_upsample = cfg.feature_point == "before_upsample"
-        self.levels = unet.levels(list(cfg.blocks), self.before_upsample)
+        count = len(unet.output_blocks)
+        blocks = self.resolve_blocks(unet.levels(list(range(count)), self.before_upsample), count, "output block")
+        self.levels = unet.levels(blocks, self.before_upsample)
 
     @property
     def total_stride(self) -> int:

@@ -11,9 +11,17 @@ from dtengine.levels import TeacherLevel
 from dtengine.teachers.adm import build_adm_teacher
 from dtengine.teachers.config import TeacherConfig
 from dtengine.teachers.diffusion import build_diffusion_teacher
+from dtengine.teachers.gan import build_gan_teacher
+from dtengine.teachers.latent import build_latent_teacher
 from dtengine.teachers.noising import NoisingTeacher
 
-BUILDERS = {"unet": build_diffusion_teacher, "adm": build_adm_teacher}
+BUILDERS = {
+    "unet": build_diffusion_teacher,
+    "adm": build_adm_teacher,
+    "latent_unet": build_latent_teacher,
+    "dit": build_latent_teacher,
+    "gan": build_gan_teacher,
+}
 
 
 def build_teacher(cfg: TeacherConfig, device: torch.device | str = "cpu", load_weights: bool = True) -> NoisingTeacher:
@@ -34,7 +42,7 @@ class TeacherInfo:
     path: str
     parameters: int
     flops_per_image: int
-    """Multiply-adds x 2 of one pass up to the last tapped block, at `image_size`."""
+    """Multiply-adds x 2 of one pass up to the last tapped block (and a latent teacher's VAE encoding)."""
     image_size: int
     levels: list[TeacherLevel]
 
@@ -42,7 +50,7 @@ class TeacherInfo:
         source = "random weights" if self.path == "" else self.path
         head = (
             f"teacher: {self.kind} ({source}), {self.parameters / 1e6:.1f} M parameters, "
-            f"{self.flops_per_image / 1e9:.2f} GFLOPs per {self.image_size} px image (one pass to the last tap)"
+            f"{_with_unit(self.flops_per_image)} per {self.image_size} px image (one pass to the last tap)"
         )
         rows = [
             f"  level {i}: block {level.block}, stride {level.stride}, {level.channels} channels, "
@@ -50,6 +58,13 @@ class TeacherInfo:
             for i, level in enumerate(self.levels)
         ]
         return [head, *rows]
+
+
+def _with_unit(flops: float) -> str:
+    for unit, scale in (("TFLOPs", 1e12), ("GFLOPs", 1e9), ("MFLOPs", 1e6)):
+        if flops >= scale:
+            return f"{flops / scale:.3g} {unit}"
+    return f"{flops:.0f} FLOPs"
 
 
 def describe_teacher(cfg: TeacherConfig, image_size: int) -> TeacherInfo:
@@ -62,10 +77,9 @@ def describe_teacher(cfg: TeacherConfig, image_size: int) -> TeacherInfo:
     with torch.device("meta"):
         teacher = build_teacher(cfg, "meta", load_weights=False)
         teacher.check_image_size(image_size)
-        x_t = torch.empty(1, 3, image_size, image_size)
-        timesteps = torch.full((1,), cfg.timestep, dtype=torch.long)
+        inputs = teacher.cost_inputs(image_size)  # a latent teacher's VAE encoding counts too
         with FlopCounterMode(display=False) as counter:
-            teacher.features(x_t, timesteps)
-    parameters = sum(p.numel() for p in teacher.unet.parameters())
+            teacher.features(*inputs)
+    parameters = sum(p.numel() for p in teacher.parameters())  # a latent teacher's VAE included
     path = "" if cfg.weights == "untrained" else cfg.path
     return TeacherInfo(cfg.kind, path, parameters, counter.get_total_flops(), image_size, teacher.levels)

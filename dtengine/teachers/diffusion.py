@@ -84,20 +84,15 @@ class DiffusionTeacher(NoisingTeacher):
 
     def __init__(self, unet: nn.Module, scheduler: object, cfg: TeacherConfig):
         super().__init__(unet, scheduler, cfg)
-        self._check(unet, cfg)
+        count = len(unet.up_blocks)
+        blocks = self.resolve_blocks(unet_levels(unet, range(count), cfg.feature_point), count, "up block")
+        self._check(unet, self.cfg)
         if cfg.attention == "dtengine":
             use_dtengine_attention(self.unet)
-        self.levels = self._describe_levels()
-        self.last_block = max(cfg.blocks)
+        self.levels = unet_levels(unet, blocks, cfg.feature_point)
 
     @staticmethod
     def _check(unet: nn.Module, cfg: TeacherConfig) -> None:
-        n_up = len(unet.up_blocks)
-        bad = [b for b in cfg.blocks if not 0 <= b < n_up]
-        if bad:
-            raise TeacherError(
-                f"teacher.blocks {bad} out of range: this U-Net has {n_up} up blocks (valid: 0..{n_up - 1})"
-            )
         for index, block in enumerate(unet.up_blocks[: max(cfg.blocks) + 1]):
             kind = type(block).__name__
             if kind not in SUPPORTED_UP_BLOCKS:
@@ -110,20 +105,6 @@ class DiffusionTeacher(NoisingTeacher):
     @property
     def total_stride(self) -> int:
         return 2 ** sum(block.downsamplers is not None for block in self.unet.down_blocks)
-
-    def _describe_levels(self) -> list[TeacherLevel]:
-        # Strides follow from the sampler counts alone, so a big teacher needs no dry run to describe itself.
-        n_down = self.total_stride.bit_length() - 1
-        levels, ups_before = [], 0
-        for index, block in enumerate(self.unet.up_blocks):
-            has_up = block.upsamplers is not None
-            stride = 2 ** (n_down - ups_before)
-            if self.cfg.feature_point == "after_upsample" and has_up:
-                stride //= 2
-            if index in self.cfg.blocks:
-                levels.append(TeacherLevel(block=index, stride=stride, channels=block.resnets[-1].out_channels))
-            ups_before += has_up
-        return levels
 
     def features(self, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
         """`UNet2DModel.forward` up to the last requested up block; returns that block set's features."""
@@ -141,26 +122,56 @@ class DiffusionTeacher(NoisingTeacher):
         if unet.mid_block is not None:
             sample = unet.mid_block(sample, emb)
 
-        wanted = set(self.cfg.blocks)
-        features = []
-        for index, up_block in enumerate(unet.up_blocks[: self.last_block + 1]):
-            n_res = len(up_block.resnets)
-            res_samples, skips = skips[-n_res:], skips[:-n_res]
-            before, sample = _up_block_forward(up_block, sample, res_samples, emb)
-            if index in wanted:
-                features.append(before if self.cfg.feature_point == "before_upsample" else sample)
-        return features
+        return decoder_taps(unet, sample, skips, emb, self.cfg.blocks, self.cfg.feature_point)
 
 
-def _up_block_forward(block: nn.Module, hidden: Tensor, res_samples: tuple[Tensor, ...], temb: Tensor):
-    """Run an UpBlock2D / AttnUpBlock2D, returning (output before upsampling, output after upsampling)."""
+def unet_levels(unet: nn.Module, blocks, feature_point: str, base_stride: int = 1) -> list[TeacherLevel]:
+    """The levels of a diffusers U-Net's up blocks `blocks`; `base_stride` is how much the U-Net's input is
+    already downsampled (a latent U-Net's VAE). Strides follow from the sampler counts alone, so a big teacher
+    needs no dry run to describe itself."""
+    n_down = sum(block.downsamplers is not None for block in unet.down_blocks)
+    levels, ups_before = [], 0
+    for index, block in enumerate(unet.up_blocks):
+        has_up = block.upsamplers is not None
+        stride = base_stride * 2 ** (n_down - ups_before)
+        if feature_point == "after_upsample" and has_up:
+            stride //= 2
+        if index in blocks:
+            levels.append(TeacherLevel(block=index, stride=stride, channels=block.resnets[-1].out_channels))
+        ups_before += has_up
+    return levels
+
+
+def decoder_taps(unet, sample: Tensor, skips: tuple[Tensor, ...], temb: Tensor, blocks, feature_point: str,
+                 context: Tensor | None = None) -> list[Tensor]:  # fmt: skip
+    """The up-block half of a diffusers U-Net forward, up to the last of `blocks`; returns their features.
+
+    Args:
+        sample, skips: the mid block's output and the down path's skip tensors.
+        context: the cross-attention states of a conditional U-Net (None for `UNet2DModel`).
+    """
+    wanted, features = set(blocks), []
+    for index, block in enumerate(unet.up_blocks[: max(blocks) + 1]):
+        n_res = len(block.resnets)
+        res_samples, skips = skips[-n_res:], skips[:-n_res]
+        before, sample = up_block_forward(block, sample, res_samples, temb, context)
+        if index in wanted:
+            features.append(before if feature_point == "before_upsample" else sample)
+    return features
+
+
+def up_block_forward(
+    block: nn.Module, hidden: Tensor, res_samples: tuple[Tensor, ...], temb: Tensor, context: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """Run an UpBlock2D / AttnUpBlock2D / CrossAttnUpBlock2D, returning (output before upsampling, after it)."""
+    cross = getattr(block, "has_cross_attention", False)
     attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
     for resnet, attn in zip(block.resnets, attentions):
         hidden = torch.cat([hidden, res_samples[-1]], dim=1)
         res_samples = res_samples[:-1]
         hidden = resnet(hidden, temb)
         if attn is not None:
-            hidden = attn(hidden)
+            hidden = attn(hidden, encoder_hidden_states=context, return_dict=False)[0] if cross else attn(hidden)
     before = hidden
     for upsampler in block.upsamplers or []:
         if getattr(block, "upsample_type", "conv") == "resnet":

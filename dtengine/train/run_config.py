@@ -109,6 +109,16 @@ class RunConfig:
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
+    def __post_init__(self) -> None:
+        if self.teacher.kind == "gan":  # the generator makes the images: no dataset is read
+            if self.data.loader == "auto":
+                self.data.loader = "synthetic"
+            elif self.data.loader != "synthetic":
+                raise ConfigError(
+                    f"teacher.kind=gan generates the student's images, so data.loader={self.data.loader} has nothing "
+                    "to do; use data.loader=synthetic (or auto)"
+                )
+
 
 FREE_ON_RESUME = (  # fmt: skip
     "out_dir",
