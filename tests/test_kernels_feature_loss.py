@@ -145,3 +145,22 @@ def test_gpu_inductor_compiled_step_matches_eager():
     regressor.zero_grad()
     torch.compile(step, fullgraph=True)(images).backward()
     torch.testing.assert_close(regressor.weight.grad, want, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "shape, kept_block_p",
+    [
+        ((64, 512, 16, 16), {64, 32}),  # 64 or 128 programs would leave most of 132 SMs idle
+        ((64, 512, 64, 64), {256, 128, 64, 32}),  # a large level keeps every tile
+        ((1, 512, 8, 8), {32}),  # nothing fills the GPU: the tiles giving the most programs
+    ],
+)
+def test_the_autotuner_never_considers_tiles_that_leave_most_sms_idle(shape, kept_block_p):
+    r = torch.empty(shape)
+    kept = fused.keep_tiles_that_fill_the_gpu(
+        fused.PIXEL_TILE_CONFIGS, {"R": r, "P": shape[2] * shape[3]}, multiprocessors=132, FLAT_PIXELS=True
+    )
+    assert {c.kwargs["BLOCK_P"] for c in kept} == kept_block_p
+    assert all(fused.programs(c, shape[2] * shape[3], shape[0]) >= 132 for c in kept) or len(kept_block_p) == 1
+    for kernel in (fused._stats_kernel, fused._grad_kernel):
+        assert kernel.early_config_prune is fused.keep_tiles_that_fill_the_gpu

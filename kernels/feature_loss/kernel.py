@@ -31,6 +31,9 @@ which only the reported mse sees when r is already very close to g~; the gradien
 
 from __future__ import annotations
 
+import functools
+
+import torch
 import triton
 import triton.language as tl
 
@@ -47,6 +50,33 @@ PIXEL_TILE_CONFIGS = [
 ATTENTION_BLOCK = 1024  # pixels per step of the per-sample reduction (one program per sample)
 ATTENTION_WARPS = 4
 AUTOTUNE_KEY = ["C", "P", "stride_rc", "stride_gc"]
+
+
+@functools.cache
+def _multiprocessors(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
+def programs(config: triton.Config, pixels: int, batch: int) -> int:
+    """Programs a pixel-kernel launch with `config` runs: one per BLOCK_P pixels of each sample."""
+    return triton.cdiv(pixels, config.kwargs["BLOCK_P"]) * batch
+
+
+def keep_tiles_that_fill_the_gpu(configs: list, named_args: dict, multiprocessors: int | None = None, **_) -> list:
+    """The autotuner's early prune: drop tiles whose grid leaves SMs idle.
+
+    At small levels a wide pixel tile makes few programs ((64, 512, 16, 16) with BLOCK_P=256: 64 programs for
+    132 SMs), and the autotuner, timing one launch at a time, can still pick it. Configs giving at least one
+    program per SM are kept; when none does, the ones giving the most programs.
+    """
+    r = named_args["R"]
+    sms = multiprocessors or _multiprocessors(r.device.index or 0)
+    counts = {id(c): programs(c, named_args["P"], r.shape[0]) for c in configs}
+    filling = [c for c in configs if counts[id(c)] >= sms]
+    return filling or [c for c in configs if counts[id(c)] == max(counts.values())]
+
+
+PRUNE = {"early_config_prune": keep_tiles_that_fill_the_gpu}
 
 
 @triton.jit
@@ -69,7 +99,7 @@ def _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLO
     return r, g, mask, c
 
 
-@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _stats_kernel(
     R,  # student map r, (B, C, H, W)
@@ -201,7 +231,7 @@ def _attention_kernel(
         tl.store(AT_COEF + base + p0 + offsets, grad_q * grad_scale, mask=mask)
 
 
-@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY)
+@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _grad_kernel(
     R,  # student map r, (B, C, H, W)
