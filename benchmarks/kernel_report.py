@@ -3,7 +3,7 @@
 The launchers run on CPU tensors of the shapes, dtypes and layouts the engine passes; their launches are captured
 and compiled ahead of time exactly as a real launch specialises them (`dtkernels.aot`). Per kernel and config:
 registers, spilled bytes, shared memory, CTAs per SM, global load / store widths (count x bits, LDGSTS included),
-whether tiles are copied with cp.async or TMA, wgmma shapes, and SASS instructions per loop body.
+whether tiles are copied with cp.async or TMA, wgmma shapes, SASS instructions and barriers per loop body.
 
 Nothing here is a timing: it is what the GPU would be given to run, read from the code. The committed output,
 docs/kernel_aot_report.md, is the kernels' AOT baseline.
@@ -33,7 +33,8 @@ REPORT = Path(__file__).resolve().parent.parent / "docs" / "kernel_aot_report.md
 ATTENTION_SEQ = {32: 1024, 40: 4096, 64: 1024, 72: 256, 80: 1024, 128: 1024, 160: 256}
 # Levels of an ADM-256 teacher regressed at 256 px, batch 32, in the student's bf16.
 LOSS_LEVELS = [(32, 512, 32, 32), (32, 512, 16, 16), (32, 1024, 8, 8)]
-COLUMNS = ["kernel", "config", "regs", "spill", "smem KB", "CTAs/SM", "loads", "stores", "async", "wgmma", "loop"]
+COLUMNS = ["kernel", "config", "regs", "spill", "smem KB", "CTAs/SM", "loads", "stores", "async", "wgmma", "loop",
+           "bar/loop"]  # fmt: skip
 
 
 def row(label: str, launch, result) -> dict:
@@ -53,6 +54,7 @@ def row(label: str, launch, result) -> dict:
         "async": copies,
         "wgmma": " ".join(result.wgmma_shapes) or "-",
         "loop": "/".join(map(str, result.loop_instructions)) or "-",
+        "bar/loop": "/".join(map(str, result.loop_barriers)) or "-",
     }
 
 
@@ -100,7 +102,8 @@ def main() -> None:
         "Compiled ahead of time, on a machine without a GPU, exactly as real launches specialise the kernels",
         "(`benchmarks/kernel_report.py`, `make kernel-report`). No timing: registers, spills, shared memory, CTAs",
         "per SM, global load / store widths (count x bits per thread, cp.async copies included), asynchronous",
-        "copies, wgmma shapes and SASS instructions per loop body, read from the compiled code.",
+        "copies, wgmma shapes, SASS instructions per loop body and CTA-wide barriers (BAR) per loop body, read",
+        "from the compiled code.",
         "",
         f"Environment: {format_environment(env)}",
     ]

@@ -121,6 +121,7 @@ class CompiledKernel:
     cp_async: bool = False  # tiles copied global -> shared asynchronously (LDGSTS)
     tma: bool = False  # tiles copied by the tensor memory accelerator (UTMALDG)
     loop_instructions: tuple[int, ...] = ()  # SASS instructions per loop body, outermost first
+    loop_barriers: tuple[int, ...] = ()  # BAR (CTA-wide barrier) instructions per loop body, same order
     specialization: str = ""  # the launch's divisibility hints and constants, as Triton derived them
 
     @property
@@ -165,7 +166,8 @@ class CompiledKernel:
             f"{self.name} sm_{self.arch} warps={self.num_warps} stages={self.num_stages} regs={self.registers} "
             f"spill={self.local_bytes + self.stack_bytes} smem={self.shared_bytes} ctas/sm={self.ctas_per_sm} "
             f"ldg={loads} stg={stores} async={copies} wgmma={','.join(self.wgmma_shapes) or '-'} "
-            f"loop={'/'.join(map(str, self.loop_instructions)) or '-'}"
+            f"loop={'/'.join(map(str, self.loop_instructions)) or '-'} "
+            f"loop_barriers={'/'.join(map(str, self.loop_barriers)) or '-'}"
         )
 
 
@@ -207,6 +209,7 @@ class SassFacts:
     cp_async: bool
     tma: bool
     loops: tuple[int, ...]
+    loop_barriers: tuple[int, ...] = ()
 
 
 def sass_facts(sass: str) -> SassFacts:
@@ -216,18 +219,21 @@ def sass_facts(sass: str) -> SassFacts:
     stores = Counter(_access_bits(op) for _, op, _ in instructions if op.startswith("STG"))
     opcodes = {op.split(".")[0] for _, op, _ in instructions}
     addresses = [address for address, _, _ in instructions]
+    barriers = [address for address, opcode, _ in instructions if opcode.startswith("BAR")]
     loops = []
     for address, opcode, operands in instructions:
         target = re.match(r"\s*(?:`\()?.*?0x([0-9a-f]+)", operands) if opcode.startswith("BRA") else None
         if target and int(target.group(1), 16) < address:  # a backward branch closes a loop
             start = int(target.group(1), 16)
-            loops.append((start, sum(start <= a <= address for a in addresses)))
+            in_loop = sum(start <= a <= address for a in barriers)
+            loops.append((start, sum(start <= a <= address for a in addresses), in_loop))
     return SassFacts(
         loads=dict(loads),
         stores=dict(stores),
         cp_async="LDGSTS" in opcodes,
         tma=bool(opcodes & {"UTMALDG", "UBLKCP"}),
-        loops=tuple(size for _, size in sorted(loops)),
+        loops=tuple(size for _, size, _ in sorted(loops)),
+        loop_barriers=tuple(count for _, _, count in sorted(loops)),
     )
 
 
@@ -280,5 +286,6 @@ def _compile(kernel: JITFunction, arch: int, options, signature, constexprs, att
         cp_async=facts.cp_async or "cp.async.cg" in ptx or "cp.async.ca" in ptx,
         tma=facts.tma or "cp.async.bulk.tensor" in ptx,
         loop_instructions=facts.loops,
+        loop_barriers=facts.loop_barriers,
         specialization=f"divisible by 16: {','.join(hinted) or '-'}; constants: {','.join(constants) or '-'}",
     )

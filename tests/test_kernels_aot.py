@@ -79,6 +79,7 @@ def test_sass_facts_read_widths_async_copies_and_loops():
         /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;
         /*0010*/                   LDG.E.U16 R8, desc[UR4][R2.64] ;
         /*0020*/                   LDGSTS.E.BYPASS.128 [R1], desc[UR4][R2.64] ;
+        /*0028*/                   BAR.SYNC.DEFER_BLOCKING 0x0 ;
         /*0030*/              @!P0 BRA 0x10 ;
         /*0040*/                   STG.E.64 desc[UR4][R2.64], R4 ;
         /*0050*/                   EXIT ;
@@ -86,7 +87,8 @@ def test_sass_facts_read_widths_async_copies_and_loops():
     """
     facts = sass_facts(sass)
     assert facts.loads == {128: 2, 16: 1} and facts.stores == {64: 1}  # LDGSTS is a global load too
-    assert facts.cp_async and not facts.tma and facts.loops == (3,)  # 0x10..0x30; BRA to itself is no loop
+    assert facts.cp_async and not facts.tma and facts.loops == (4,)  # 0x10..0x30; BRA to itself is no loop
+    assert facts.loop_barriers == (1,)
 
 
 def test_problems_and_occupancy():

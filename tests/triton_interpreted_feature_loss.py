@@ -65,6 +65,22 @@ def test_mse_stays_accurate_when_the_student_is_close_to_the_target():
     torch.testing.assert_close(out.mse, want, rtol=2e-3, atol=0)
 
 
+@pytest.mark.parametrize("whiten", [True, False])
+def test_large_channel_means_lose_no_precision(whiten):
+    """Teacher features can have a channel mean far above their spread: statistics must not cancel."""
+    torch.manual_seed(6)
+    (r,), (g,) = make_levels([ODD_SHAPE], "contiguous")
+    r, g = (300.0 + r.detach()).requires_grad_(), 1000.0 + 0.5 * g
+    out = fused_feature_regression_loss([r], [g], at_weight=10.0, whiten=whiten, impl="triton")
+    (grad,) = torch.autograd.grad(out.loss, r)
+    r64 = r.detach().double().requires_grad_()
+    want = feature_regression_loss([r64], [g.double()], at_weight=10.0, whiten=whiten, backend="torch")
+    (want_grad,) = torch.autograd.grad(want.loss, r64)
+    for got, exact in zip((out.loss, out.mse, out.at), (want.loss, want.mse, want.at)):
+        torch.testing.assert_close(got.double(), exact, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grad.double(), want_grad, rtol=1e-4, atol=1e-7)
+
+
 def test_public_function_runs_triton_under_the_interpreter():
     torch.manual_seed(3)
     student, teacher = make_levels([ODD_SHAPE], "non_contiguous")

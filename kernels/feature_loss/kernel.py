@@ -23,8 +23,9 @@ write grad_loss * dr directly (no dr is stored between the two):
     backward  _grad_kernel       r, g, mean, rstd, at_coef, grad_loss -> grad_loss * dr (like r)
 
 Every kernel reads in the input dtype and accumulates in fp32. The channel means, sums of squared deviations
-and the co-moment sum_c (r - r_bar)(g - g_bar) are merged block by block with Chan's parallel formulas (no
-E[x^2] - E[x]^2 cancellation when teacher features have a large mean), and sse is expanded from them:
+and the co-moment sum_c (r - r_bar)(g - g_bar) are free of E[x^2] - E[x]^2 cancellation when teacher features
+have a large mean: merged block by block with Chan's parallel formulas for channels_last, from shifted sums
+reduced once after the channel loop for NCHW (no cross-warp reduction inside it). sse is expanded from them:
 sum (r - g~)^2 = sum r^2 - 2 sum r g~ + sum g~^2. Its rounding is about 1e-7 of sum r^2 + sum g~^2 per pixel,
 which only the reported mse sees when r is already very close to g~; the gradient is elementwise and exact.
 """
@@ -99,6 +100,69 @@ def _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLO
     return r, g, mask, c
 
 
+@triton.jit
+def _moments_merged(r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """Per pixel: channel means of r and g, their sums of squared deviations and the co-moment
+    sum_c (r - r_bar)(g - g_bar), merged channel block by channel block with Chan's formulas.
+
+    For channels_last, where a tile's channels sit in one warp's lanes and per-block reductions are shuffles:
+    five [BLOCK_P] running values keep registers low.
+    """
+    r_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    r_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    g_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
+    g_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
+    co = tl.zeros([BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
+        seen = c0 * 1.0  # channels merged so far, as fp32 (c0 is a Python int in the interpreter)
+        count = tl.sum((c < C).to(tl.float32), axis=0)
+        r_block, g_block = tl.sum(r, axis=0) / count, tl.sum(g, axis=0) / count
+        r_centred = tl.where(mask, r - r_block[None, :], 0.0)
+        g_centred = tl.where(mask, g - g_block[None, :], 0.0)
+        r_delta, g_delta = r_block - r_mean, g_block - g_mean
+        weight = seen * count / (seen + count)
+        r_m2 += tl.sum(r_centred * r_centred, axis=0) + r_delta * r_delta * weight
+        g_m2 += tl.sum(g_centred * g_centred, axis=0) + g_delta * g_delta * weight
+        co += tl.sum(r_centred * g_centred, axis=0) + r_delta * g_delta * weight
+        r_mean += r_delta * (count / (seen + count))
+        g_mean += g_delta * (count / (seen + count))
+    return r_mean, g_mean, r_m2, g_m2, co
+
+
+@triton.jit
+def _moments_shifted(r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+    """The same five values from sums of values shifted by the first channel block's mean.
+
+    For NCHW, where a tile's channels are split across warps and every per-block reduction would go through
+    shared memory behind a barrier: the sums stay [BLOCK_C, BLOCK_P] and are reduced once, after the loop. The
+    shift is within the channel spread of the pixel, so sum x^2 - (sum x)^2 / C loses nothing to a large
+    channel mean (teacher features have one).
+    """
+    r, g, mask, c = _load_channel_block(r_rows, g_rows, 0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
+    count = tl.sum((c < C).to(tl.float32), axis=0)
+    r_shift, g_shift = tl.sum(r, axis=0) / count, tl.sum(g, axis=0) / count
+    acc_r = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_g = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_rr = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_gg = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    acc_rg = tl.zeros([BLOCK_C, BLOCK_P], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
+        r = tl.where(mask, r - r_shift[None, :], 0.0)
+        g = tl.where(mask, g - g_shift[None, :], 0.0)
+        acc_r += r
+        acc_g += g
+        acc_rr += r * r
+        acc_gg += g * g
+        acc_rg += r * g
+    sum_r, sum_g = tl.sum(acc_r, axis=0), tl.sum(acc_g, axis=0)
+    r_m2 = tl.maximum(tl.sum(acc_rr, axis=0) - sum_r * sum_r / C, 0.0)
+    g_m2 = tl.maximum(tl.sum(acc_gg, axis=0) - sum_g * sum_g / C, 0.0)
+    co = tl.sum(acc_rg, axis=0) - sum_r * sum_g / C
+    return r_shift + sum_r / C, g_shift + sum_g / C, r_m2, g_m2, co
+
+
 @triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _stats_kernel(
@@ -123,6 +187,7 @@ def _stats_kernel(
     eps,  # LayerNorm epsilon
     WHITEN: tl.constexpr,
     FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
+    PIXELS_CONTIGUOUS: tl.constexpr,  # r's pixels are its unit-stride axis (NCHW): see `_moments_shifted`
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
@@ -132,29 +197,14 @@ def _stats_kernel(
     r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw, FLAT_PIXELS)
     g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
 
-    # Running channel means and sums of squared deviations of r and g, and their co-moment
-    # Sum_c (r - r_bar)(g - g_bar), merged block by block: no E[x^2] - E[x]^2 cancellation when a map has a large
-    # channel mean (teacher features do).
-    r_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
-    r_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    g_mean = tl.zeros([BLOCK_P], dtype=tl.float32)
-    g_m2 = tl.zeros([BLOCK_P], dtype=tl.float32)
-    co = tl.zeros([BLOCK_P], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
-        seen = c0 * 1.0  # channels merged so far, as fp32 (c0 is a Python int in the interpreter)
-        count = tl.sum((c < C).to(tl.float32), axis=0)
-        r_block, g_block = tl.sum(r, axis=0) / count, tl.sum(g, axis=0) / count
-        r_centred = tl.where(mask, r - r_block[None, :], 0.0)
-        g_centred = tl.where(mask, g - g_block[None, :], 0.0)
-        # Chan et al.: merge this block's (count, means, m2s, co-moment) into the running ones.
-        r_delta, g_delta = r_block - r_mean, g_block - g_mean
-        weight = seen * count / (seen + count)
-        r_m2 += tl.sum(r_centred * r_centred, axis=0) + r_delta * r_delta * weight
-        g_m2 += tl.sum(g_centred * g_centred, axis=0) + g_delta * g_delta * weight
-        co += tl.sum(r_centred * g_centred, axis=0) + r_delta * g_delta * weight
-        r_mean += r_delta * (count / (seen + count))
-        g_mean += g_delta * (count / (seen + count))
+    if PIXELS_CONTIGUOUS:
+        r_mean, g_mean, r_m2, g_m2, co = _moments_shifted(
+            r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C, BLOCK_P
+        )
+    else:
+        r_mean, g_mean, r_m2, g_m2, co = _moments_merged(
+            r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C, BLOCK_P
+        )
 
     q_r = r_m2 + C * r_mean * r_mean
     if WHITEN:

@@ -115,7 +115,14 @@ def feature_loss_forward(
         q_r, q_g, sse = torch.empty((3, batch, pixels), device=r.device, dtype=torch.float32)
         at, sse_sample = torch.empty((2, batch), device=r.device, dtype=torch.float32)
         stats_args = [r, g, stats[0], stats[1], q_r, q_g, sse, *_strides(r, g), layernorm_eps, whiten]
-        _launch_pixel_kernel(_stats_kernel, r.shape, stats_args, config, FLAT_PIXELS=flat_pixels(r, g))
+        _launch_pixel_kernel(
+            _stats_kernel,
+            r.shape,
+            stats_args,
+            config,
+            FLAT_PIXELS=flat_pixels(r, g),
+            PIXELS_CONTIGUOUS=r.stride(3) == 1,
+        )
         _attention_kernel[(batch,)](
             q_r, q_g, at, stats[2], sse, sse_sample, pixels, norm_eps, 2.0 * at_weight / (num_levels * batch),
             BLOCK=ATTENTION_BLOCK, num_warps=ATTENTION_WARPS,
