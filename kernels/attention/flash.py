@@ -18,7 +18,8 @@ so no program ever needs atomics.
 
 Head dims that are not a power of two (40, 72, 80, 160) are padded to BLOCK_D inside the kernel by masked loads
 (padded lanes read 0, contribute 0 to every dot product, and are never stored); N need not be a multiple of any
-block size (out-of-range keys get score -inf, out-of-range queries are never stored).
+block size (out-of-range keys get score -inf, out-of-range queries are never stored). The forward compiles
+that key mask only when N is not a multiple of its key tile (`RAGGED_KEYS`): the teachers' N (64 to 4096) are.
 
 Cautions: fp16/bf16 on GPU (fp32 accumulate); fp32 inputs would run tl.dot in TF32, so the op layer sends fp32
 on CUDA elsewhere. Under TRITON_INTERPRET=1 (set before Triton is imported) the same kernels run on CPU tensors
@@ -86,6 +87,7 @@ def _attention_fwd_kernel(
     scale_log2e,  # softmax scale times log2(e)
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
+    RAGGED_KEYS: tl.constexpr,  # seq_len % BLOCK_N != 0: key tiles need a row mask (else none at all)
     BLOCK_D: tl.constexpr,  # HEAD_DIM padded to a power of two >= 16
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -105,11 +107,15 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, seq_len, BLOCK_N):
         offs_kv = start_n + offs_n
-        kv_valid = offs_kv < seq_len
-        kv_mask = kv_valid[:, None] & d_mask[None, :]
+        if RAGGED_KEYS:
+            kv_valid = offs_kv < seq_len
+            kv_mask = kv_valid[:, None] & d_mask[None, :]
+        else:
+            kv_mask = d_mask[None, :]  # padded head-dim lanes only (tl.load broadcasts it over the rows)
         k = _load_tile(K, batch, head, offs_kv, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
         s = tl.dot(q, tl.trans(k)) * scale_log2e  # (BLOCK_M, BLOCK_N)
-        s = tl.where(kv_valid[None, :], s, float("-inf"))
+        if RAGGED_KEYS:
+            s = tl.where(kv_valid[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
@@ -300,8 +306,9 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Te
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         heads, seq_len, scale * LOG2E,
-        HEAD_DIM=head_dim, ALIGNED=vector_aligned(q, k, v, out), BLOCK_D=padded_head_dim(head_dim),
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        HEAD_DIM=head_dim, ALIGNED=vector_aligned(q, k, v, out), RAGGED_KEYS=seq_len % cfg.block_n != 0,
+        BLOCK_D=padded_head_dim(head_dim), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 
