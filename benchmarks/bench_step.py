@@ -5,11 +5,10 @@
 
 Configurations:
     demo              the built-in teacher and data (configs/demo.yaml; key=value overrides apply): runs on a CPU
-    paper-r50         a random-weight ADM-256-sized pixel U-Net teacher (256 base channels, mults 1,1,2,2,4,4,
-    paper-convnext-b  two res blocks a level, attention at 32/16/8 px, residual resampling; 518 M parameters
-                      against ADM's 554 M), taps at strides 32, 16, 8, 4 at t=150,
-                      ResNet-50 / ConvNeXt-B student, 256 px images of the built-in data, batch 64: needs a GPU,
-                      no weights
+    paper-r50         the paper's teacher network, guided-diffusion's ADM-256 (teacher.kind=adm, preset
+    paper-convnext-b  imagenet256-uncond: 552.8 M parameters) with random weights, output blocks 2, 5, 8, 11
+                      (strides 32, 16, 8, 4) at t=150, ResNet-50 / ConvNeXt-B student, 256 px images of the
+                      built-in data, batch 64: needs a GPU, no weights
 Modes:
     naive     benchmarks/naive_loop.py: ImageFolder over JPEGs, full teacher forward with hooks, the unfused
               reference loss, plain AdamW (bf16 autocast + cudnn.benchmark on CUDA, like the engine)
@@ -63,7 +62,8 @@ CONFIGS = ("demo", "paper-r50", "paper-convnext-b")
 MODES = ("naive", "eager", "compiled", "synthetic")
 PAPER_STUDENTS = {"paper-r50": "resnet50", "paper-convnext-b": "convnext_base"}
 PAPER_OVERRIDES = [
-    "teacher.timestep=150", "teacher.blocks=[0,1,2,3]", "data.shards=builtin", "data.image_size=256",
+    "teacher.kind=adm", "teacher.weights=untrained", "teacher.adm.preset=imagenet256-uncond",
+    "teacher.timestep=150", "teacher.blocks=[2,5,8,11]", "data.shards=builtin", "data.image_size=256",
     "data.batch_size=64", "data.num_workers=8", "data.shuffle_buffer=1000", "optim.warmup_steps=10",
 ]  # fmt: skip
 PEAK_BF16_TFLOPS = {"h100": 989.4, "h200": 989.4, "a100": 312.0, "l40s": 362.0, "l4": 121.0}
@@ -88,19 +88,12 @@ def run_config(name: str, overrides: list[str]):
 
 
 def build_teacher(name: str, cfg, device: torch.device):
-    """The run's teacher: the configured one (demo), or a random ADM-256-sized U-Net built on the device."""
-    from diffusers import DDPMScheduler
+    """The run's teacher: the configured one (demo: the shipped DDPM), or the paper's, guided-diffusion's ADM-256
+    network (552.8 M parameters, output blocks 2, 5, 8, 11) with random weights, built on the device."""
+    from dtengine.teachers import build_teacher as build_configured_teacher
 
-    from dtengine.teachers.diffusion import DiffusionTeacher, build_diffusion_teacher
-    from dtengine.teachers.unet import UNetArchConfig, build_unet
-
-    if name == "demo":
-        return build_diffusion_teacher(cfg.teacher, device)
-    adm = UNetArchConfig(block_out_channels=[256, 256, 512, 512, 1024, 1024], layers_per_block=2,
-                         attention_levels=3, attention_head_dim=64, resnet_resample=True)  # fmt: skip
-    with torch.device(device):
-        unet = build_unet(cfg.data.image_size, adm)
-    return DiffusionTeacher(unet, DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear"), cfg.teacher)
+    with torch.device(device):  # initialise the 553 M parameters where they will run
+        return build_configured_teacher(cfg.teacher, device)
 
 
 def engine_step(name: str, cfg, world, compiled: bool):

@@ -3,8 +3,8 @@
 Plain eager PyTorch from the paper, nothing of the engine's machinery:
 
     data      torchvision ImageFolder over JPEG files + DataLoader (resize, centre crop, flip, ToTensor in workers)
-    teacher   the diffusers U-Net's full forward (all decoder blocks and the output head), features taken with
-              forward hooks on the tapped decoder blocks
+    teacher   the U-Net's full forward (all decoder blocks and the output head), features taken with forward
+              hooks on the tapped decoder blocks (diffusers U-Net or ADM)
     loss      the unfused fp32 reference of the feature loss
     step      torch.optim.AdamW with its defaults, gradient clipping, `loss.item()` for the progress display
     on CUDA   bf16 autocast and cudnn.benchmark, like the engine, so a ratio is never a precision gap
@@ -25,13 +25,22 @@ from torchvision import datasets, transforms
 from dtengine.ops import feature_regression_loss_reference
 
 
-def decoder_taps(unet: nn.Module, blocks: list[int]) -> list[nn.Module]:
-    """The modules whose outputs are the tapped up blocks' features before their upsamplers."""
+def decoder_taps(unet: nn.Module, blocks: list[int]) -> list[tuple[nn.Module, bool]]:
+    """(module, read its input rather than its output) per tapped decoder block: the features before upsampling."""
     taps = []
+    if hasattr(unet, "output_blocks"):  # ADM: a block ends in its upsampler when it has one
+        for index in blocks:
+            block = unet.output_blocks[index]
+            upsamples = (
+                block[-1].__class__.__name__ == "Upsample"
+                or getattr(block[-1], "h_upd", None).__class__.__name__ == "Upsample"
+            )
+            taps.append((block[-1], True) if upsamples else (block, False))
+        return taps
     for index in blocks:
         block = unet.up_blocks[index]
         attentions = getattr(block, "attentions", None)
-        taps.append(attentions[-1] if attentions else block.resnets[-1])
+        taps.append((attentions[-1] if attentions else block.resnets[-1], False))
     return taps
 
 
@@ -42,8 +51,11 @@ class NaiveDistillation:
                  workers, lr, device):  # fmt: skip
         self.unet, self.scheduler, self.timestep, self.student, self.device = unet, scheduler, timestep, student, device
         self.features: list[torch.Tensor] = []
-        for tap in decoder_taps(unet, blocks):
-            tap.register_forward_hook(lambda module, args, output: self.features.append(output))
+        for tap, reads_input in decoder_taps(unet, blocks):
+            if reads_input:
+                tap.register_forward_pre_hook(lambda module, args: self.features.append(args[0]))
+            else:
+                tap.register_forward_hook(lambda module, args, output: self.features.append(output))
         transform = transforms.Compose([
             transforms.Resize(image_size), transforms.CenterCrop(image_size),
             transforms.RandomHorizontalFlip(), transforms.ToTensor(),

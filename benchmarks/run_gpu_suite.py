@@ -40,8 +40,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "benchmarks"
-# bench_step on CUDA: the paper configurations (a random-weight ADM-256-sized teacher, ResNet-50 / ConvNeXt-B at
-# 256 px, batch 64; no weights needed), each as naive, eager and compiled. Without CUDA: the demo at a
+# bench_step on CUDA: the paper configurations (the ADM-256 teacher network with random weights, ResNet-50 /
+# ConvNeXt-B at 256 px, batch 64; no weights needed), each as naive, eager and compiled. Without CUDA: the demo at a
 # small batch, one short window per mode, eager compile backend (a check of the wiring, not a measurement).
 STEP_CUDA = ["--configs", "paper-r50,paper-convnext-b", "--window-steps", "10", "--split-steps", "5"]
 STEP_CPU = ["--configs", "demo", "--warmup", "1", "--windows", "1", "--window-steps", "1", "--split-steps", "1"]

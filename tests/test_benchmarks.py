@@ -65,7 +65,7 @@ def test_bench_feature_loss_writes_rows_report_plot_and_summary_lines(tmp_path):
         assert "Triton kernel needs CUDA" in proc.stdout
 
 
-def test_paper_configurations_build_an_adm_sized_teacher_with_the_paper_taps():
+def test_paper_configurations_build_the_adm_teacher_with_the_paper_taps():
     """Checked on the meta device: no memory, no compute, the architecture only."""
     import importlib.util
 
@@ -77,10 +77,43 @@ def test_paper_configurations_build_an_adm_sized_teacher_with_the_paper_taps():
     cfg = bench.run_config("paper-r50", [])
     teacher = bench.build_teacher("paper-r50", cfg, torch.device("meta"))
     assert [(lvl.stride, lvl.channels) for lvl in teacher.levels] == [(32, 1024), (16, 1024), (8, 512), (4, 512)]
-    assert 510e6 < sum(p.numel() for p in teacher.unet.parameters()) < 560e6  # ADM-256 uncond: 554 M
+    assert type(teacher.unet).__name__ == "ADMUNet" and sum(p.numel() for p in teacher.unet.parameters()) == 552_814_086
     assert cfg.teacher.timestep == 150 and cfg.data.image_size == 256 and cfg.data.batch_size == 64
     assert bench.run_config("paper-convnext-b", []).student.model == "convnext_base"
     assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and bench.peak_flops("cpu (x86_64)") is None
+
+
+@pytest.mark.parametrize("kind", ["unet", "adm"])
+def test_the_naive_loops_hooks_read_what_the_teacher_reads(kind, tiny_teacher_dir, monkeypatch):
+    """The naive baseline taps a full forward with hooks; its features must be the engine teacher's."""
+    import torch
+
+    from dtengine import load_config
+    from dtengine.teachers import build_teacher
+
+    monkeypatch.syspath_prepend(str(BENCH.parent))
+    from naive_loop import decoder_taps
+
+    adm = ["teacher.kind=adm", "teacher.weights=untrained", "teacher.adm.image_size=32", "teacher.blocks=[1,2,3]",
+           "teacher.adm.num_channels=32", "teacher.adm.num_res_blocks=1", "teacher.adm.channel_mult='1,1,1,1'",
+           "teacher.adm.attention_resolutions='8'"]  # fmt: skip
+    unet = [f"teacher.path={tiny_teacher_dir}", "teacher.blocks=[0,1]"]
+    teacher = build_teacher(load_config(None, adm if kind == "adm" else unet).teacher)
+    hooked, handles = [], []
+    for tap, reads_input in decoder_taps(teacher.unet, teacher.cfg.blocks):
+        if reads_input:
+            handles.append(tap.register_forward_pre_hook(lambda module, args: hooked.append(args[0])))
+        else:
+            handles.append(tap.register_forward_hook(lambda module, args, output: hooked.append(output)))
+    x_t, t = torch.randn(2, 3, 32, 32), torch.tensor([5, 50])
+    with torch.no_grad():
+        teacher.unet(x_t, t)
+        for handle in handles:
+            handle.remove()
+        ours = teacher.features(x_t, t)
+    assert len(hooked) == len(ours) == len(teacher.cfg.blocks)
+    for a, b in zip(hooked, ours):
+        torch.testing.assert_close(a, b)
 
 
 BENCH_INPUT = BENCH.parent / "bench_input.py"
