@@ -253,3 +253,13 @@ def test_unset_blocks_take_the_last_block_at_each_backbone_stride(tiny_teacher_d
     assert [(lv.block, lv.stride) for lv in after.levels] == [(1, 32), (4, 16), (7, 8), (10, 4)]
     builtin = describe_teacher(TeacherConfig(), 64)
     assert [(lv.block, lv.stride) for lv in builtin.levels] == [(0, 16), (1, 8), (2, 4)]
+
+
+@torch.no_grad()
+def test_the_adm_teacher_pass_traces_under_torch_compile():
+    teacher = build_teacher(load_config(None, TINY_FLAGS).teacher)
+    images, noise = torch.rand(2, 3, 32, 32), torch.randn(2, 3, 32, 32)
+    want = teacher(images, noise).features
+    got = torch.compile(teacher, backend="eager", dynamic=False)(images, noise).features
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)

@@ -116,3 +116,15 @@ def test_two_step_distillation_from_a_generator(tiny_run_overrides):
                              "train.steps=2", "checkpoint.every=2"])  # fmt: skip
     result = run_distillation(cfg)
     assert result.steps == 2 and torch.isfinite(torch.tensor(result.final_loss))
+
+
+@torch.no_grad()
+def test_the_tap_hooks_survive_torch_compile():
+    """On CUDA the engine compiles the teacher pass; dynamo must trace the hooks that collect the features."""
+    teacher = build_teacher(gan_config("teacher.weights=untrained").teacher)
+    images, noise = torch.rand(2, 3, SIZE, SIZE), torch.randn(2, 3, SIZE, SIZE)
+    want = teacher(images, noise)
+    got = torch.compile(teacher, backend="eager", dynamic=False)(images, noise)
+    torch.testing.assert_close(got.images, want.images)
+    for a, b in zip(got.features, want.features, strict=True):
+        torch.testing.assert_close(a, b)
