@@ -6,6 +6,7 @@ A subclass provides the network pass (`features`), its total stride and its leve
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 
 import torch
@@ -38,7 +39,7 @@ def state_dict_mismatch(model: nn.Module, state: dict[str, Tensor]) -> tuple[str
     return "; ".join(problems), unexpected
 
 
-class NoisingTeacher(nn.Module):
+class NoisingTeacher(nn.Module, abc.ABC):
     """A frozen diffusion network `unet` read at step `cfg.timestep` of `scheduler`'s forward process.
 
     Args:
@@ -80,14 +81,14 @@ class NoisingTeacher(nn.Module):
         return self.cfg.blocks
 
     @property
+    @abc.abstractmethod
     def total_stride(self) -> int:
         """How much the network downsamples: image sides must be multiples of it for the skips to line up."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def features(self, x_t: Tensor, timesteps: Tensor) -> list[Tensor]:
         """One network pass on already-noised images x_t (B, 3, H, W) at steps (B,), with no noise of its own;
         returns the tapped features (what a check against the original implementation compares)."""
-        raise NotImplementedError
 
     def cost_inputs(self, image_size: int) -> tuple[Tensor, Tensor]:
         """The inputs of `features` for one image, as `teacher-info` counts its FLOPs (on the meta device)."""
