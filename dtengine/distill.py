@@ -178,10 +178,12 @@ class Distiller(nn.Module):
             drawn; noise (B, 3, H, W) fp32 standard normal.
         """
         device = self.device
-        images = images.to(device, non_blocking=True)
-        images = images.float().div_(255) if images.dtype == torch.uint8 else images.float()
-        if use_channels_last(device):
-            images = images.contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if use_channels_last(device) else torch.contiguous_format
+        was_uint8 = images.dtype == torch.uint8
+        # One pass converts to fp32 and to the student's layout (a loader may hand NHWC memory to a CPU step).
+        images = images.to(device, non_blocking=True).to(torch.float32, memory_format=layout)
+        if was_uint8:
+            images = images.div_(255)  # a fresh tensor: the conversion copied
         generators = keys.generators(images.shape[0])
         # Drawn whether or not flips are on, so a sample's noise does not depend on the flip setting.
         flips = keyed_uniform(generators) < FLIP_PROBABILITY  # (B,)

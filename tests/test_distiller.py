@@ -61,6 +61,17 @@ def test_uint8_and_float_batches_are_the_same_batch(distiller):
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
 
 
+def test_nhwc_batches_are_converted_to_the_steps_layout(distiller):
+    """A loader may hand NHWC memory (DALI does); the CPU step reads the same values in NCHW."""
+    batch = images()
+    nhwc = batch.permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2)
+    got, _ = distiller.inputs(nhwc, SampleKeys(7, 11, 0))
+    want, _ = distiller.inputs(batch, SampleKeys(7, 11, 0))
+    assert got.is_contiguous() and not nhwc.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    assert torch.equal(batch, images())  # the loader's batch is never written to
+
+
 def test_randomness_is_keyed_by_step_and_global_sample_index(distiller):
     """Two micro-batches (or two ranks) of 2 draw exactly what one batch of 4 draws: flips and noise alike."""
     batch = images(4)
