@@ -79,17 +79,19 @@ class CapturedLaunch:
 
 
 @contextlib.contextmanager
-def capture_launches() -> Iterator[list[CapturedLaunch]]:
+def capture_launches(every_config: bool = True) -> Iterator[list[CapturedLaunch]]:
     """Inside the block, kernel launches are recorded into the yielded list instead of running; launchers accept
     CPU tensors (see `interpreter.can_run_on`). Outputs stay unwritten, so only launchers whose later launches do
-    not depend on earlier results can be captured in one go."""
+    not depend on earlier results can be captured in one go. An autotuned launch is recorded once per
+    configuration (autotuning compiles them all), or once, with its first configuration, when `every_config` is
+    False (to count launches)."""
     launches: list[CapturedLaunch] = []
 
     def record(kernel, *args, grid=None, warmup=False, **kwargs):
         launches.append(CapturedLaunch(kernel, args, kwargs))
 
     def record_every_config(tuner, *args, grid=None, warmup=False, **kwargs):
-        for config in tuner.configs:  # autotuning compiles (and times) each one
+        for config in tuner.configs if every_config else tuner.configs[:1]:  # autotuning compiles each one
             record(tuner.fn, *args, **{**kwargs, **config.all_kwargs()})
 
     jit_run, tuner_run = JITFunction.run, Autotuner.run
@@ -262,14 +264,21 @@ def compile_launch(launch: CapturedLaunch, arch: int) -> CompiledKernel:
     return _COMPILED[key]
 
 
+def _argument(kernel: JITFunction, path: tuple[int, ...]) -> str:
+    """The argument at a specialisation path: `(i,)` is the i-th argument, `(i, j)` entry j of a tuple argument."""
+    return kernel.arg_names[path[0]] + "".join(f"[{index}]" for index in path[1:])
+
+
 def _compile(kernel: JITFunction, arch: int, options, signature, constexprs, attrs) -> CompiledKernel:
     target = GPUTarget("cuda", arch, 32)
     compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=target, options=options.__dict__)
     usage = resource_usage(compiled.asm["cubin"])
     facts = sass_facts(_cuobjdump(compiled.asm["cubin"], "-sass"))
     ptx = compiled.asm["ptx"]
-    hinted = [kernel.arg_names[index] for (index,), value in attrs.items() if value]
-    constants = [f"{kernel.arg_names[i]}={v}" for (i,), v in constexprs.items() if not kernel.params[i].is_constexpr]
+    hinted = [_argument(kernel, path) for path, value in attrs.items() if value]
+    constants = [
+        f"{_argument(kernel, path)}={v}" for path, v in constexprs.items() if not kernel.params[path[0]].is_constexpr
+    ]
     return CompiledKernel(
         name=kernel.__name__,
         arch=arch,

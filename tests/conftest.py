@@ -10,7 +10,13 @@ import torch
 
 os.environ.setdefault("DTENGINE_CACHE", str(Path(__file__).resolve().parent.parent / ".cache" / "test-cache"))
 
+from dtengine.parallel.compile import use_dtengine_inductor_cache
+
 from tiny import TINY_IMAGE, tiny_unet_arch
+
+# The tests' compiled graphs go to a cache folder keyed by the ops' sources, as the engine's do: a changed op must
+# never replay a graph compiled against its old fake.
+use_dtengine_inductor_cache()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -51,15 +51,17 @@ AOT_LEVELS = [(32, 512, 32, 32), (32, 512, 16, 16), (32, 1024, 8, 8)]
 ODD_LEVEL = (3, 37, 7, 9)
 
 
-def captured_loss_launches(shape, dtype: torch.dtype, layout: str, whiten: bool):
-    """Every kernel launch of a fused forward and backward over one level, captured from CPU tensors as the
-    launchers make them (the autotuned pixel kernels once per tile config), for `dtkernels.aot.compile_launch`."""
+def captured_loss_launches(shapes, dtype: torch.dtype, layout: str, whiten: bool):
+    """Every kernel launch of a fused forward and backward over `shapes` (one launch covers every level),
+    captured from CPU tensors as the launchers make them (the autotuned pixel kernels once per tile config), for
+    `dtkernels.aot.compile_launch`."""
     memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
-    r = torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format)
+    rs = [torch.empty(shape, dtype=dtype).contiguous(memory_format=memory_format) for shape in shapes]
+    gs = [r.clone() for r in rs]
     with capture_launches() as launches:
-        out = feature_loss_forward([r], [r.clone()], at_weight=10.0, whiten=whiten, layernorm_eps=1e-5, norm_eps=1e-6)
-        feature_loss_backward(torch.ones(()), [r], [r.clone()], out.stats)
-    assert len(launches) == 2 * len(fused.PIXEL_TILE_CONFIGS) + 1
+        out = feature_loss_forward(rs, gs, at_weight=10.0, whiten=whiten, layernorm_eps=1e-5, norm_eps=1e-6)
+        feature_loss_backward(torch.ones(()), rs, gs, out.stats)
+    assert len(launches) == 2 * len(fused.PIXEL_TILE_CONFIGS) + 2
     return launches
 
 
@@ -68,14 +70,14 @@ def captured_loss_launches(shape, dtype: torch.dtype, layout: str, whiten: bool)
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_every_real_launch_compiles_fits_does_not_spill_and_loads_vectors(layout, dtype, arch):
     problems, seen = [], set()
-    for shape, whiten in itertools.product([*AOT_LEVELS, ODD_LEVEL], (True, False)):
+    for shape, whiten in itertools.product([AOT_LEVELS, [ODD_LEVEL]], (True, False)):
         for launch in captured_loss_launches(shape, dtype, layout, whiten):
             result = compile_launch(launch, arch)
             if (result.summary(), result.specialization) in seen:  # levels that specialise alike compile alike
                 continue
             seen.add((result.summary(), result.specialization))
             print(f"{shape} {layout} {dtype} whiten={whiten} {launch.options()}: {result.summary()}")
-            if shape == ODD_LEVEL:
+            if shape == [ODD_LEVEL]:
                 # Rows that start anywhere: every element is addressed and loaded on its own, and the widest fp32
                 # tile (64 channels x 32 pixels) spills a little. Only such levels pay it, and the autotuner
                 # times the configs, so it picks one that does not; the numbers must stay correct (interpreter).
@@ -159,10 +161,68 @@ def test_gpu_inductor_compiled_step_matches_eager():
 )
 def test_the_autotuner_never_considers_tiles_that_leave_most_sms_idle(shape, kept_block_p):
     r = torch.empty(shape)
+    pixels = (shape[2] * shape[3],)
     kept = fused.keep_tiles_that_fill_the_gpu(
-        fused.PIXEL_TILE_CONFIGS, {"R": r, "P": shape[2] * shape[3]}, multiprocessors=132, FLAT_PIXELS=True
+        fused.PIXEL_TILE_CONFIGS, {"RS": (r,), "PS": pixels}, multiprocessors=132, FLAT_PIXELS=True
     )
     assert {c.kwargs["BLOCK_P"] for c in kept} == kept_block_p
-    assert all(fused.programs(c, shape[2] * shape[3], shape[0]) >= 132 for c in kept) or len(kept_block_p) == 1
+    assert all(fused.programs(c, pixels, shape[0]) >= 132 for c in kept) or len(kept_block_p) == 1
     for kernel in (fused._stats_kernel, fused._grad_kernel):
         assert kernel.early_config_prune is fused.keep_tiles_that_fill_the_gpu
+
+
+def test_the_programs_of_one_launch_cover_every_level():
+    """A pixel kernel's grid is every level's tiles: a small level's few programs add to the big one's."""
+    (config,) = [c for c in fused.PIXEL_TILE_CONFIGS if c.kwargs["BLOCK_P"] == 256]
+    assert fused.programs(config, (32 * 32, 16 * 16, 8 * 8), 4) == (4 + 1 + 1) * 4
+    kept = fused.keep_tiles_that_fill_the_gpu([config], {"RS": (torch.empty(4, 8, 32, 32),), "PS": (1024, 256, 64)},
+                                              multiprocessors=16)  # fmt: skip
+    assert kept == [config]  # 24 programs fill 16 SMs
+
+
+# Metadata-only aten ops: they allocate or view, and launch no kernel.
+NO_KERNEL_OPS = {
+    "empty", "empty_strided", "empty_like", "view", "_unsafe_view", "alias", "unbind", "select", "slice", "detach",
+    "as_strided", "_reshape_alias", "expand", "permute", "split", "split_with_sizes", "t",
+}  # fmt: skip
+
+
+class KernelOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the aten ops that would launch a kernel (not allocations or views)."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.overloadpacket.__name__ not in NO_KERNEL_OPS:
+            self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_a_three_level_forward_and_backward_is_four_launches(layout):
+    """Counted by capturing the launchers' kernel launches (an autotuned one counts once) and every torch op that
+    would run a kernel between them: three forward (statistics, attention, scalars), one backward, no torch
+    kernels; at most six is the target."""
+    memory_format = torch.channels_last if layout == "channels_last" else torch.contiguous_format
+    rs = [torch.empty(shape, dtype=torch.bfloat16).contiguous(memory_format=memory_format) for shape in AOT_LEVELS]
+    gs, grad_loss = [r.clone() for r in rs], torch.ones(())
+    with capture_launches(every_config=False) as launches, KernelOps() as torch_ops:
+        out = feature_loss_forward(rs, gs, at_weight=10.0, whiten=True, layernorm_eps=1e-5, norm_eps=1e-6)
+        grads = feature_loss_backward(grad_loss, rs, gs, out.stats)
+    assert [launch.name for launch in launches] == ["_stats_kernel", "_attention_kernel", "_reduce_kernel",
+                                                    "_grad_kernel"]  # fmt: skip
+    assert torch_ops.ops == []
+    assert len(launches) + len(torch_ops.ops) <= 6
+    assert [g.shape for g in grads] == [r.shape for r in rs] and out.stats.shape == (3, 32 * (1024 + 256 + 64))
+
+
+def test_levels_of_different_layouts_get_a_pixel_launch_each():
+    """NCHW and channels_last levels compile to different code: one statistics launch per layout."""
+    rs = [torch.empty(4, 64, 16, 16), torch.empty(4, 64, 8, 8).contiguous(memory_format=torch.channels_last)]
+    with capture_launches(every_config=False) as launches:
+        out = feature_loss_forward(rs, rs, at_weight=10.0, whiten=True, layernorm_eps=1e-5, norm_eps=1e-6)
+        feature_loss_backward(torch.ones(()), rs, rs, out.stats)
+    names = [launch.name for launch in launches]
+    assert names == ["_stats_kernel", "_stats_kernel", "_attention_kernel", "_reduce_kernel", "_grad_kernel"]

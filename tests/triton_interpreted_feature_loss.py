@@ -37,6 +37,18 @@ def test_multi_level_with_different_channels_matches_reference(layout):
     assert_matches_reference(_triton_loss(at_weight=2.5), student, teacher, at_weight=2.5)
 
 
+def test_levels_of_mixed_layouts_in_one_call_match_reference():
+    """NCHW, channels_last and strided levels take different statistics launches that share the statistics array
+    and the one attention / scalar launch."""
+    torch.manual_seed(7)
+    student, teacher = [], []
+    for shape, layout in zip(MULTI_LEVEL_SHAPES, ("channels_last", "contiguous", "non_contiguous")):
+        (r,), (g,) = make_levels([shape], layout)
+        student.append(r)
+        teacher.append(g)
+    assert_matches_reference(_triton_loss(), student, teacher)
+
+
 @pytest.mark.parametrize("config", PIXEL_TILE_CONFIGS, ids=str)
 def test_every_shipped_tile_config_is_correct(config):
     """Each config masks its own ragged edge of the odd shape (C = 37, P = 63) correctly."""

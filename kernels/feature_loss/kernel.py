@@ -1,4 +1,4 @@
-"""Triton kernels of the fused feature-regression loss (one level; the launcher loops over levels).
+"""Triton kernels of the fused feature-regression loss, each one grid over every level of the loss.
 
 Notation, per level: r = regressed student map, g = raw teacher map, both (B, C, H, W) addressed through
 their own strides; P = H * W pixels; a "pixel row" is the C values of one (b, p).
@@ -20,7 +20,14 @@ write grad_loss * dr directly (no dr is stored between the two):
     forward   _stats_kernel      r, g -> mean, rstd, q_r, q_g, sse = sum_c (r - g~)^2     (B, P) fp32 each
               _attention_kernel  q_r, q_g, sse -> at (B,), sse per sample (B,), at_coef (B, P) with
                                  d (w at_l) / d r = at_coef * r (w, 1/L, 1/B folded in)
+              _reduce_kernel     at, sse per sample of every level -> loss, mse, at (three scalars)
     backward  _grad_kernel       r, g, mean, rstd, at_coef, grad_loss -> grad_loss * dr (like r)
+
+Levels differ in shape, so the maps come as tuples (one entry per level; Triton specialises each entry's
+alignment like any argument) and a kernel's body is unrolled once per level: the pixel kernels' programs are the
+levels' tiles one after another, the attention kernel's one per (sample, level). A 3-level loss is four launches
+forward and backward, whatever the level count; the per-pixel values of all levels share one (3, B * sum P)
+array. The scalars are reduced by one program in a fixed order (no atomics): the same on every run.
 
 Every kernel reads in the input dtype and accumulates in fp32. The channel means, sums of squared deviations
 and the co-moment sum_c (r - r_bar)(g - g_bar) are free of E[x^2] - E[x]^2 cancellation when teacher features
@@ -48,9 +55,10 @@ PIXEL_TILE_CONFIGS = [
     triton.Config({"BLOCK_C": 64, "BLOCK_P": 32}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_C": 32, "BLOCK_P": 128}, num_warps=8, num_stages=2),
 ]
-ATTENTION_BLOCK = 1024  # pixels per step of the per-sample reduction (one program per sample)
+ATTENTION_BLOCK = 1024  # pixels per step of the per-sample reduction (one program per sample and level)
 ATTENTION_WARPS = 4
-AUTOTUNE_KEY = ["C", "P", "stride_rc", "stride_gc"]
+REDUCE_BLOCK = 256  # (level, sample) values per step of the one-program scalar reduction
+AUTOTUNE_KEY = ["CS", "PS", "R_STRIDES", "G_STRIDES"]
 
 
 @functools.cache
@@ -58,9 +66,9 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def programs(config: triton.Config, pixels: int, batch: int) -> int:
-    """Programs a pixel-kernel launch with `config` runs: one per BLOCK_P pixels of each sample."""
-    return triton.cdiv(pixels, config.kwargs["BLOCK_P"]) * batch
+def programs(config: triton.Config, pixels: tuple[int, ...], batch: int) -> int:
+    """Programs a pixel-kernel launch with `config` runs: one per BLOCK_P pixels of each sample of each level."""
+    return sum(triton.cdiv(p, config.kwargs["BLOCK_P"]) for p in pixels) * batch
 
 
 def keep_tiles_that_fill_the_gpu(configs: list, named_args: dict, multiprocessors: int | None = None, **_) -> list:
@@ -70,9 +78,9 @@ def keep_tiles_that_fill_the_gpu(configs: list, named_args: dict, multiprocessor
     132 SMs), and the autotuner, timing one launch at a time, can still pick it. Configs giving at least one
     program per SM are kept; when none does, the ones giving the most programs.
     """
-    r = named_args["R"]
+    r = named_args["RS"][0]
     sms = multiprocessors or _multiprocessors(r.device.index or 0)
-    counts = {id(c): programs(c, named_args["P"], r.shape[0]) for c in configs}
+    counts = {id(c): programs(c, named_args["PS"], r.shape[0]) for c in configs}
     filling = [c for c in configs if counts[id(c)] >= sms]
     return filling or [c for c in configs if counts[id(c)] == max(counts.values())]
 
@@ -163,47 +171,35 @@ def _moments_shifted(r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C: t
     return r_shift + sum_r / C, g_shift + sum_g / C, r_m2, g_m2, co
 
 
-@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
-def _stats_kernel(
-    R,  # student map r, (B, C, H, W)
-    G,  # teacher map g, (B, C, H, W)
-    MEAN,  # out: (B, P) fp32, channel mean of g (0 without whitening)
-    RSTD,  # out: (B, P) fp32, 1 / sqrt(var_c(g) + eps) (1 without whitening)
-    Q_R,  # out: (B, P) fp32, sum_c r^2
-    Q_G,  # out: (B, P) fp32, sum_c g~^2
-    SSE,  # out: (B, P) fp32, sum_c (r - g~)^2
-    C,
-    W,
-    P,
-    stride_rb,
-    stride_rc,
-    stride_rh,
-    stride_rw,
-    stride_gb,
-    stride_gc,
-    stride_gh,
-    stride_gw,
-    eps,  # LayerNorm epsilon
-    WHITEN: tl.constexpr,
-    FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
-    PIXELS_CONTIGUOUS: tl.constexpr,  # r's pixels are its unit-stride axis (NCHW): see `_moments_shifted`
-    BLOCK_C: tl.constexpr,
-    BLOCK_P: tl.constexpr,
-):
-    b = tl.program_id(1)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
-    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw, FLAT_PIXELS)
-    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
+def _level_end(start, P, B, BLOCK_P: tl.constexpr):
+    """The first program after a level whose tiles (BLOCK_P pixels of one sample each) start at `start`."""
+    return start + tl.cdiv(P, BLOCK_P) * B
 
+
+@triton.jit
+def _tile(pid, start, P, BLOCK_P: tl.constexpr):
+    """Sample b and pixels p of program `pid` in a level whose tiles start at `start`, sample-major."""
+    per_sample = tl.cdiv(P, BLOCK_P)
+    local = pid - start
+    return local // per_sample, (local % per_sample) * BLOCK_P + tl.arange(0, BLOCK_P)
+
+
+@triton.jit
+def _stats_tile(R, G, STATS, SCRATCH, T, out, b, p, C, W, P, r_strides, g_strides, eps, WHITEN: tl.constexpr,
+                FLAT_PIXELS: tl.constexpr, PIXELS_CONTIGUOUS: tl.constexpr, BLOCK_C: tl.constexpr,
+                BLOCK_P: tl.constexpr):  # fmt: skip
+    """Statistics of pixels p of sample b of one level, into columns `out + b * P + p` of STATS and SCRATCH."""
+    p_mask = p < P
+    r_rows = _pixel_rows(R, b, p, W, r_strides[0], r_strides[2], r_strides[3], FLAT_PIXELS)
+    g_rows = _pixel_rows(G, b, p, W, g_strides[0], g_strides[2], g_strides[3], FLAT_PIXELS)
     if PIXELS_CONTIGUOUS:
         r_mean, g_mean, r_m2, g_m2, co = _moments_shifted(
-            r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C, BLOCK_P
+            r_rows, g_rows, C, p_mask, r_strides[1], g_strides[1], BLOCK_C, BLOCK_P
         )
     else:
         r_mean, g_mean, r_m2, g_m2, co = _moments_merged(
-            r_rows, g_rows, C, p_mask, stride_rc, stride_gc, BLOCK_C, BLOCK_P
+            r_rows, g_rows, C, p_mask, r_strides[1], g_strides[1], BLOCK_C, BLOCK_P
         )
 
     q_r = r_m2 + C * r_mean * r_mean
@@ -218,42 +214,67 @@ def _stats_kernel(
         q_g = g_m2 + C * g_mean * g_mean
         cross = co + C * r_mean * g_mean
         mean = tl.zeros([BLOCK_P], dtype=tl.float32)
-    out = b.to(tl.int64) * P + p
-    tl.store(MEAN + out, mean, mask=p_mask)
-    tl.store(RSTD + out, rstd, mask=p_mask)
-    tl.store(Q_R + out, q_r, mask=p_mask)
-    tl.store(Q_G + out, q_g, mask=p_mask)
-    tl.store(SSE + out, tl.maximum(q_r - 2.0 * cross + q_g, 0.0), mask=p_mask)
+    column = out + b.to(tl.int64) * P + p
+    tl.store(STATS + column, mean, mask=p_mask)
+    tl.store(STATS + T + column, rstd, mask=p_mask)
+    tl.store(SCRATCH + column, q_r, mask=p_mask)
+    tl.store(SCRATCH + T + column, q_g, mask=p_mask)
+    tl.store(SCRATCH + 2 * T + column, tl.maximum(q_r - 2.0 * cross + q_g, 0.0), mask=p_mask)
+
+
+@triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
+@triton.jit
+def _stats_kernel(
+    RS,  # student maps r, one (B, C_l, H_l, W_l) per level
+    GS,  # teacher maps g, same shapes
+    STATS,  # out: (3, T) fp32, rows mean and rstd (row 2, at_coef, is the attention kernel's); see the launcher
+    SCRATCH,  # out: (3, T) fp32, rows q_r, q_g, sse
+    T,  # columns of STATS and SCRATCH: B * sum_l P_l
+    B,
+    CS,  # per level: channels
+    WS,  # per level: width
+    PS,  # per level: pixels H * W
+    OUTS,  # per level: its first column of STATS (level l, sample b, pixel p sits at OUTS[l] + b * P_l + p)
+    R_STRIDES,  # per level: r's (stride_b, stride_c, stride_h, stride_w)
+    G_STRIDES,  # per level: g's strides
+    eps,  # LayerNorm epsilon
+    WHITEN: tl.constexpr,
+    FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
+    PIXELS_CONTIGUOUS: tl.constexpr,  # r's pixels are its unit-stride axis (NCHW): see `_moments_shifted`
+    BLOCK_C: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    # One grid over every level: the levels' tiles follow one another (see `_level_tile`).
+    pid = tl.program_id(0)
+    start = 0
+    for level in tl.static_range(len(RS)):
+        end = _level_end(start, PS[level], B, BLOCK_P)
+        # Nothing vector-shaped outside the branch: pixel offsets computed here for every level cost 30 registers.
+        if (pid >= start) & (pid < end):
+            b, p = _tile(pid, start, PS[level], BLOCK_P)
+            _stats_tile(RS[level], GS[level], STATS, SCRATCH, T, OUTS[level], b, p, CS[level], WS[level], PS[level],
+                        R_STRIDES[level], G_STRIDES[level], eps, WHITEN, FLAT_PIXELS, PIXELS_CONTIGUOUS, BLOCK_C,
+                        BLOCK_P)  # fmt: skip
+        start = end
 
 
 @triton.jit
-def _attention_kernel(
-    Q_R,  # (B, P) fp32, sum_c r^2
-    Q_G,  # (B, P) fp32, sum_c g~^2
-    AT,  # out: (B,) fp32, at[b] = |qhat_r - qhat_g|
-    AT_COEF,  # out: (B, P) fp32, d (w at_l) / d r = AT_COEF * r: grad_scale (w, the two means, the 2) folded in
-    SSE,  # (B, P) fp32, sum_c (r - g~)^2 per pixel
-    SSE_SAMPLE,  # out: (B,) fp32, its sum over the sample's pixels
-    P,
-    norm_eps,  # lower clamp of |q| (as in the reference)
-    grad_scale,  # 2 w / (num_levels * B): the AT weight w, the 2 of d q_r / d r = 2 r and the two means
-    BLOCK: tl.constexpr,
-):
-    b = tl.program_id(0)
-    base = b.to(tl.int64) * P
+def _attention_sample(STATS, SCRATCH, T, AT, SSE_SAMPLE, sample, base, P, norm_eps, grad_scale, BLOCK: tl.constexpr):
+    """The attention term of one sample of one level, whose P pixels sit at columns base.. of STATS: at and the
+    sum of sse into AT / SSE_SAMPLE[sample], at_coef into row 2 of STATS."""
     offsets = tl.arange(0, BLOCK)
-
+    q_r_row, q_g_row = SCRATCH + base, SCRATCH + T + base
     sum_rr = tl.zeros([BLOCK], dtype=tl.float32)
     sum_gg = tl.zeros([BLOCK], dtype=tl.float32)
     sum_sse = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(0, P, BLOCK):
         mask = p0 + offsets < P
-        q_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0)
-        q_g = tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0)
+        q_r = tl.load(q_r_row + p0 + offsets, mask=mask, other=0.0)
+        q_g = tl.load(q_g_row + p0 + offsets, mask=mask, other=0.0)
         sum_rr += q_r * q_r
         sum_gg += q_g * q_g
-        sum_sse += tl.load(SSE + base + p0 + offsets, mask=mask, other=0.0)
-    tl.store(SSE_SAMPLE + b, tl.sum(sum_sse, axis=0))
+        sum_sse += tl.load(SCRATCH + 2 * T + base + p0 + offsets, mask=mask, other=0.0)
+    tl.store(SSE_SAMPLE + sample, tl.sum(sum_sse, axis=0))
     norm_r = tl.sqrt(tl.sum(sum_rr, axis=0))
     scale_r = 1.0 / tl.maximum(norm_r, norm_eps)
     scale_g = 1.0 / tl.maximum(tl.sqrt(tl.sum(sum_gg, axis=0)), norm_eps)
@@ -263,68 +284,127 @@ def _attention_kernel(
     sum_rd = tl.zeros([BLOCK], dtype=tl.float32)
     for p0 in range(0, P, BLOCK):
         mask = p0 + offsets < P
-        qhat_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0) * scale_r
-        diff = qhat_r - tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0) * scale_g
+        qhat_r = tl.load(q_r_row + p0 + offsets, mask=mask, other=0.0) * scale_r
+        diff = qhat_r - tl.load(q_g_row + p0 + offsets, mask=mask, other=0.0) * scale_g
         sum_dd += diff * diff
         sum_rd += qhat_r * diff
     distance = tl.sqrt(tl.sum(sum_dd, axis=0))
-    tl.store(AT + b, distance)
+    tl.store(AT + sample, distance)
 
     inv_distance = tl.where(distance > 0, 1.0 / tl.maximum(distance, 1e-30), 0.0)
     # Below the clamp the normaliser is the constant eps, so its projection term vanishes (as clamp_min's grad).
     projection = tl.where(norm_r >= norm_eps, tl.sum(sum_rd, axis=0) * inv_distance, 0.0)
     for p0 in range(0, P, BLOCK):
         mask = p0 + offsets < P
-        qhat_r = tl.load(Q_R + base + p0 + offsets, mask=mask, other=0.0) * scale_r
-        diff = qhat_r - tl.load(Q_G + base + p0 + offsets, mask=mask, other=0.0) * scale_g
+        qhat_r = tl.load(q_r_row + p0 + offsets, mask=mask, other=0.0) * scale_r
+        diff = qhat_r - tl.load(q_g_row + p0 + offsets, mask=mask, other=0.0) * scale_g
         grad_q = (diff * inv_distance - qhat_r * projection) * scale_r
-        tl.store(AT_COEF + base + p0 + offsets, grad_q * grad_scale, mask=mask)
+        tl.store(STATS + 2 * T + base + p0 + offsets, grad_q * grad_scale, mask=mask)
+
+
+@triton.jit
+def _attention_kernel(
+    STATS,  # (3, T) fp32 from `_stats_kernel`; row 2 (at_coef) is written here
+    SCRATCH,  # (3, T) fp32 from `_stats_kernel`: q_r, q_g, sse
+    T,
+    AT,  # out: (L, B) fp32, at[l, b] = |qhat_r - qhat_g|
+    SSE_SAMPLE,  # out: (L, B) fp32, sum of sse over the sample's pixels
+    B,
+    PS,  # per level: pixels
+    OUTS,  # per level: first column of STATS
+    norm_eps,  # lower clamp of |q| (as in the reference)
+    grad_scale,  # 2 w / (L * B): the AT weight w, the 2 of d q_r / d r = 2 r and the two means
+    BLOCK: tl.constexpr,
+):
+    # One program per (sample, level): the norms need every pixel of the sample.
+    b, level_id = tl.program_id(0), tl.program_id(1)
+    for level in tl.static_range(len(PS)):
+        if level_id == level:
+            base = OUTS[level] + b.to(tl.int64) * PS[level]
+            sample = level * B + b
+            _attention_sample(STATS, SCRATCH, T, AT, SSE_SAMPLE, sample, base, PS[level], norm_eps, grad_scale, BLOCK)
+
+
+@triton.jit
+def _reduce_kernel(
+    AT,  # (L, B) fp32
+    SSE_SAMPLE,  # (L, B) fp32
+    LOSS,  # out: () fp32, mse + w * at
+    MSE,  # out: () fp32, mean over levels of sse / N_l
+    AT_MEAN,  # out: () fp32, mean over levels and samples of at
+    B,
+    INV_NUMELS,  # per level: 1 / N_l (N_l = B * C_l * P_l)
+    at_weight,
+    BLOCK: tl.constexpr,
+):
+    # One program, in a fixed order: the scalars come out the same on every run (no atomics).
+    offsets = tl.arange(0, BLOCK)
+    num_levels: tl.constexpr = len(INV_NUMELS)
+    sum_at = tl.zeros([BLOCK], dtype=tl.float32)
+    sum_mse = tl.zeros([BLOCK], dtype=tl.float32)
+    for i0 in range(0, num_levels * B, BLOCK):
+        i = i0 + offsets
+        mask = i < num_levels * B
+        sum_at += tl.load(AT + i, mask=mask, other=0.0)
+        weight = tl.zeros([BLOCK], dtype=tl.float32)
+        for level in tl.static_range(num_levels):
+            weight = tl.where(i // B == level, INV_NUMELS[level], weight)
+        sum_mse += tl.load(SSE_SAMPLE + i, mask=mask, other=0.0) * weight
+    mse = tl.sum(sum_mse, axis=0) / num_levels
+    at = tl.sum(sum_at, axis=0) / (num_levels * B)
+    tl.store(MSE, mse)
+    tl.store(AT_MEAN, at)
+    tl.store(LOSS, mse + at_weight * at)
+
+
+@triton.jit
+def _grad_tile(R, G, DR, STATS, T, out, b, p, C, W, P, r_strides, g_strides, d_strides, mse_coef, grad_loss,
+               FLAT_PIXELS: tl.constexpr, BLOCK_C: tl.constexpr):  # fmt: skip
+    """grad_loss * dr at pixels p of sample b of one level."""
+    p_mask = p < P
+    r_rows = _pixel_rows(R, b, p, W, r_strides[0], r_strides[2], r_strides[3], FLAT_PIXELS)
+    g_rows = _pixel_rows(G, b, p, W, g_strides[0], g_strides[2], g_strides[3], FLAT_PIXELS)
+    dr_rows = _pixel_rows(DR, b, p, W, d_strides[0], d_strides[2], d_strides[3], FLAT_PIXELS)
+    column = out + b.to(tl.int64) * P + p
+    mean = tl.load(STATS + column, mask=p_mask, other=0.0)
+    rstd = tl.load(STATS + T + column, mask=p_mask, other=0.0)
+    at_coef = tl.load(STATS + 2 * T + column, mask=p_mask, other=0.0) * grad_loss
+    for c0 in range(0, C, BLOCK_C):
+        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, r_strides[1], g_strides[1], BLOCK_C)
+        dr = mse_coef * (r - (g - mean[None, :]) * rstd[None, :]) + at_coef[None, :] * r
+        tl.store(dr_rows[None, :] + c[:, None] * d_strides[1], dr.to(DR.dtype.element_ty), mask=mask)
 
 
 @triton.autotune(configs=PIXEL_TILE_CONFIGS, key=AUTOTUNE_KEY, prune_configs_by=PRUNE)
 @triton.jit
 def _grad_kernel(
-    R,  # student map r, (B, C, H, W)
-    G,  # teacher map g, (B, C, H, W)
-    DR,  # out: grad_loss * d loss / d r, (B, C, H, W) in r's dtype, own strides
-    MEAN,  # (B, P) fp32
-    RSTD,  # (B, P) fp32
-    AT_COEF,  # (B, P) fp32
+    RS,  # student maps r, one (B, C_l, H_l, W_l) per level
+    GS,  # teacher maps g
+    DRS,  # out: grad_loss * d loss / d r per level, in r's dtype, own strides
+    STATS,  # (3, T) fp32: rows mean, rstd, at_coef, as the forward left them
+    T,
     GRAD_LOSS,  # () fp32: the incoming gradient of the loss, read on the device (no host sync)
-    C,
-    W,
-    P,
-    stride_rb,
-    stride_rc,
-    stride_rh,
-    stride_rw,
-    stride_gb,
-    stride_gc,
-    stride_gh,
-    stride_gw,
-    stride_db,
-    stride_dc,
-    stride_dh,
-    stride_dw,
-    mse_scale,  # 2 / (num_levels * N)
+    B,
+    CS,
+    WS,
+    PS,
+    OUTS,
+    R_STRIDES,
+    G_STRIDES,
+    D_STRIDES,  # per level: the gradient's strides
+    MSE_SCALES,  # per level: 2 / (L * N_l)
     FLAT_PIXELS: tl.constexpr,  # every map has stride_h = W * stride_w (see `_pixel_rows`)
     BLOCK_C: tl.constexpr,
     BLOCK_P: tl.constexpr,
 ):
-    b = tl.program_id(1)
-    p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
-    p_mask = p < P
-    r_rows = _pixel_rows(R, b, p, W, stride_rb, stride_rh, stride_rw, FLAT_PIXELS)
-    g_rows = _pixel_rows(G, b, p, W, stride_gb, stride_gh, stride_gw, FLAT_PIXELS)
-    dr_rows = _pixel_rows(DR, b, p, W, stride_db, stride_dh, stride_dw, FLAT_PIXELS)
-    stats = b.to(tl.int64) * P + p
+    pid = tl.program_id(0)
     grad_loss = tl.load(GRAD_LOSS)
-    mean = tl.load(MEAN + stats, mask=p_mask, other=0.0)
-    rstd = tl.load(RSTD + stats, mask=p_mask, other=0.0)
-    at_coef = tl.load(AT_COEF + stats, mask=p_mask, other=0.0) * grad_loss
-    mse_coef = mse_scale * grad_loss
-
-    for c0 in range(0, C, BLOCK_C):
-        r, g, mask, c = _load_channel_block(r_rows, g_rows, c0, C, p_mask, stride_rc, stride_gc, BLOCK_C)
-        dr = mse_coef * (r - (g - mean[None, :]) * rstd[None, :]) + at_coef[None, :] * r
-        tl.store(dr_rows[None, :] + c[:, None] * stride_dc, dr.to(DR.dtype.element_ty), mask=mask)
+    start = 0
+    for level in tl.static_range(len(RS)):
+        end = _level_end(start, PS[level], B, BLOCK_P)
+        if (pid >= start) & (pid < end):
+            b, p = _tile(pid, start, PS[level], BLOCK_P)
+            _grad_tile(RS[level], GS[level], DRS[level], STATS, T, OUTS[level], b, p, CS[level], WS[level],
+                       PS[level], R_STRIDES[level], G_STRIDES[level], D_STRIDES[level],
+                       MSE_SCALES[level] * grad_loss, grad_loss, FLAT_PIXELS, BLOCK_C)  # fmt: skip
+        start = end

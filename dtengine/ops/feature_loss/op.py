@@ -1,7 +1,8 @@
 """The fused feature-regression loss as `torch.library` custom ops, so `torch.compile` traces through it.
 
-`dtengine::fused_feature_regression_loss` returns [loss, mse, at, *stats]: the loss terms, and per level the
-(3, B, H*W) fp32 statistics (channel mean and rstd of the teacher map, the attention term's gradient coefficient)
+`dtengine::fused_feature_regression_loss` returns [loss, mse, at, stats]: the loss terms, and the (3, B * sum_l
+H_l W_l) fp32 statistics of every pixel of every level, level after level (channel mean and rstd of the teacher
+map, the attention term's gradient coefficient)
 that `dtengine::fused_feature_regression_loss_backward` needs, with r and g, to write grad_loss * d loss / d r.
 Nothing r-sized is stored between them: the backward reads r and g again. mse and at are returned for logging and
 carry no gradient.
@@ -59,8 +60,8 @@ def _whitened(g: Tensor, whiten: bool) -> tuple[Tensor, Tensor, Tensor]:
 
 def fused_forward_torch(
     student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], *, at_weight: float, whiten: bool
-) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
-    """(loss, mse, at, [stats per level]) in PyTorch ops, mirroring the Triton forward kernels."""
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(loss, mse, at, stats) in PyTorch ops, mirroring the Triton forward kernels."""
     num_levels = len(student_feats)
     mse_terms, at_terms, level_stats = [], [], []
     for r, g in zip(student_feats, teacher_feats):
@@ -71,20 +72,21 @@ def fused_forward_torch(
             r32.pow(2).sum(1).flatten(1), target.pow(2).sum(1).flatten(1)
         )  # (B,), (B, H*W)
         at_coef = grad_q * (2.0 * at_weight / (num_levels * batch))
-        level_stats.append(torch.stack([mean.flatten(1), rstd.flatten(1), at_coef]))
+        level_stats.append(torch.stack([mean.flatten(), rstd.flatten(), at_coef.flatten()]))
         mse_terms.append((r32 - target).pow(2).mean())
         at_terms.append(distance.mean())
     mse = torch.stack(mse_terms).mean()
     at = torch.stack(at_terms).mean()
-    return mse + at_weight * at, mse, at, level_stats
+    return mse + at_weight * at, mse, at, torch.cat(level_stats, dim=1)
 
 
 def fused_backward_torch(
-    grad_loss: Tensor, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], stats: Sequence[Tensor]
+    grad_loss: Tensor, student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], stats: Tensor
 ) -> list[Tensor]:
     """grad_loss * d loss / d r per level in PyTorch ops, mirroring `_grad_kernel`."""
     grads = []
-    for r, g, (mean, rstd, at_coef) in zip(student_feats, teacher_feats, stats):
+    sizes = [r.shape[0] * r.shape[2] * r.shape[3] for r in student_feats]
+    for r, g, (mean, rstd, at_coef) in zip(student_feats, teacher_feats, stats.split(sizes, dim=1)):
         shape = (r.shape[0], 1, *r.shape[2:])
         r32, target = r.float(), (g.float() - mean.view(shape)) * rstd.view(shape)
         grad = (r32 - target) * (2.0 / (len(student_feats) * r.numel())) + at_coef.view(shape) * r32
@@ -103,19 +105,19 @@ def _fused_op(student: list[Tensor], teacher: list[Tensor], at_weight: float, wh
         loss, mse, at, stats = out.loss, out.mse, out.at, out.stats
     else:
         loss, mse, at, stats = fused_forward_torch(student, teacher, at_weight=at_weight, whiten=whiten)
-    return [loss, mse, at, *stats]
+    return [loss, mse, at, stats]
 
 
 @_fused_op.register_fake
 def _fused_op_fake(student, teacher, at_weight, whiten, impl):
     scalars = [student[0].new_empty((), dtype=torch.float32) for _ in range(3)]
-    stats = [r.new_empty((3, r.shape[0], r.shape[2] * r.shape[3]), dtype=torch.float32) for r in student]
-    return [*scalars, *stats]
+    columns = sum(r.shape[0] * r.shape[2] * r.shape[3] for r in student)
+    return [*scalars, student[0].new_empty((3, columns), dtype=torch.float32)]
 
 
 @torch.library.custom_op("dtengine::fused_feature_regression_loss_backward", mutates_args=())
 def _fused_backward_op(
-    grad_loss: Tensor, student: list[Tensor], teacher: list[Tensor], stats: list[Tensor], impl: str
+    grad_loss: Tensor, student: list[Tensor], teacher: list[Tensor], stats: Tensor, impl: str
 ) -> list[Tensor]:
     if impl == "triton":
         from dtkernels.feature_loss import feature_loss_backward
@@ -134,7 +136,7 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)  # mse, at and the statistics get no incoming gradient: skip their zeros
     ctx.mark_non_differentiable(*output[1:])
     ctx.num_levels, ctx.impl = len(student), impl
-    ctx.save_for_backward(*student, *teacher, *output[3:])
+    ctx.save_for_backward(*student, *teacher, output[3])
 
 
 def _backward(ctx, grads):
@@ -142,8 +144,8 @@ def _backward(ctx, grads):
     if grad_loss is None:
         return [None] * levels, [None] * levels, None, None, None
     saved = ctx.saved_tensors
-    student, teacher, stats = saved[:levels], saved[levels : 2 * levels], saved[2 * levels :]
-    student_grads = _fused_backward_op(grad_loss, list(student), list(teacher), list(stats), ctx.impl)
+    student, teacher, stats = saved[:levels], saved[levels : 2 * levels], saved[2 * levels]
+    student_grads = _fused_backward_op(grad_loss, list(student), list(teacher), stats, ctx.impl)
     return student_grads, [None] * levels, None, None, None
 
 
