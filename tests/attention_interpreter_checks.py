@@ -13,8 +13,10 @@ from dtengine.ops import attention, attention_reference
 from dtkernels.attention import attention_backward, attention_forward
 from dtkernels.interpreter import INTERPRETED
 
-# (B, H, N, D): D=40 and 72 are padded inside the kernel; N=77, 130, 33 are not multiples of any block size.
-SHAPES = [(1, 2, 77, 40), (2, 1, 64, 32), (1, 1, 130, 72), (1, 2, 33, 8)]
+# (B, H, N, D): the forward runs D=40, 72, 80 and 160 in two chunks (32+16, 64+16, 64+16, 128+32; 40 and 72 pad
+# their tail), the backward pads them; D=8 pads its only chunk; N=77, 130, 33, 70 are not multiples of any block
+# size, N=64 is (no key mask in the forward).
+SHAPES = [(1, 2, 77, 40), (2, 1, 64, 32), (1, 1, 130, 72), (1, 2, 33, 8), (1, 1, 70, 80), (1, 1, 64, 160)]
 
 
 def test_kernels_are_interpreted():

@@ -1,6 +1,14 @@
 """Flash-style attention kernels (forward + backward) and the configurations they ship with."""
 
-from dtkernels.attention.configs import CONFIGS, HEAD_DIMS, MAX_HEAD_DIM, configs_for, padded_head_dim
+from dtkernels.attention.configs import (
+    CONFIGS,
+    HEAD_DIMS,
+    MAX_HEAD_DIM,
+    configs_for,
+    forward_config,
+    head_dim_chunks,
+    padded_head_dim,
+)
 from dtkernels.attention.flash import attention_backward, attention_forward
 
 __all__ = [
@@ -10,5 +18,7 @@ __all__ = [
     "attention_backward",
     "attention_forward",
     "configs_for",
+    "forward_config",
+    "head_dim_chunks",
     "padded_head_dim",
 ]

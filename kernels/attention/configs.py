@@ -1,7 +1,8 @@
-"""The launch configurations the attention kernels ship with: one small table, chosen by padded head dim.
+"""The launch configurations the attention kernels ship with: small tables, chosen by head dim.
 
-The head dim D is padded inside the kernels to BLOCK_D = max(16, next power of two of D) (tl.dot needs a
-power-of-two inner dimension of at least 16); the padded lanes are masked, never stored in memory. Block
+The backward kernels pad the head dim D inside the kernels to BLOCK_D = max(16, next power of two of D) (tl.dot
+needs a power-of-two inner dimension of at least 16); the padded lanes are masked, never stored in memory. The
+forward splits a D that would pad much into two power-of-two chunks instead (`head_dim_chunks`). Block
 sizes shrink as BLOCK_D grows so the tiles fit shared memory and the fp32 accumulators fit registers on both
 A100 (sm_80) and H100 (sm_90); every row is AOT-compiled for both by tests/test_kernels_attention_aot.py.
 """
@@ -45,6 +46,37 @@ CONFIGS: dict[int, AttentionConfigs] = {
     128: AttentionConfigs(KernelConfig(128, 64, 8, 3), KernelConfig(32, 128, 8, 2), KernelConfig(128, 32, 8, 2)),
     256: AttentionConfigs(KernelConfig(64, 32, 8, 2), KernelConfig(16, 64, 8, 2), KernelConfig(64, 16, 8, 2)),
 }
+
+
+# The forward of head dims processed in two power-of-two chunks (see `head_dim_chunks`), keyed by the chunks: its
+# accumulators are BLOCK_D + BLOCK_T wide, between the padded table's rows.
+CHUNKED_FORWARD: dict[tuple[int, int], KernelConfig] = {
+    (32, 16): KernelConfig(128, 64, 4, 3),  # D = 40: 48 wide instead of 64
+    (64, 16): KernelConfig(128, 64, 8, 3),  # D = 72, 80: 80 wide instead of 128
+    (64, 32): KernelConfig(128, 64, 8, 3),  # D = 96
+    (128, 16): KernelConfig(64, 32, 8, 2),  # D = 129..144
+    (128, 32): KernelConfig(64, 32, 8, 2),  # D = 160: 160 wide instead of 256
+}
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_T): the forward processes the head dim as a chunk of BLOCK_D lanes and, when that leaves
+    some, a tail chunk of BLOCK_T lanes (0: none), both powers of two of at least 16 (tl.dot's limits), padded by
+    masked loads only within the tail. 72 = 64 + 16 (8 padded), 80 = 64 + 16, 160 = 128 + 32, 40 = 32 + 16:
+    0.6-0.8x the MMA work of padding to the next power of two. A tail that would pad as much is not split off."""
+    whole = padded_head_dim(head_dim)
+    head = max(16, 1 << (head_dim.bit_length() - 1))  # the largest power of two <= D
+    if head >= head_dim:
+        return whole, 0
+    tail = padded_head_dim(head_dim - head)
+    return (head, tail) if head + tail < whole else (whole, 0)
+
+
+def forward_config(head_dim: int) -> KernelConfig:
+    """The forward kernel's configuration at `head_dim` (chunked as `head_dim_chunks` says)."""
+    configs_for(head_dim)  # raises for an unsupported head dim
+    chunks = head_dim_chunks(head_dim)
+    return CHUNKED_FORWARD[chunks] if chunks[1] else CONFIGS[chunks[0]].forward
 
 
 def padded_head_dim(head_dim: int) -> int:
