@@ -19,8 +19,9 @@ so no program ever needs atomics.
 Head dims that are not a power of two (40, 72, 80, 160) run in the forward as two power-of-two chunks (72 = 64 +
 16, 160 = 128 + 32; `head_dim_chunks`), and are padded to the next power of two in the backward, both by masked
 loads (padded lanes read 0, contribute 0 to every dot product, and are never stored); N need not be a multiple of any
-block size (out-of-range keys get score -inf, out-of-range queries are never stored). The forward compiles
-that key mask only when N is not a multiple of its key tile (`RAGGED_KEYS`): the teachers' N (64 to 4096) are.
+block size (out-of-range keys get score -inf, out-of-range queries are never stored). Every kernel's inner loop
+runs unmasked over whole tiles; only when N is not a multiple of the loop's tile (`RAGGED_KEYS`, `RAGGED`) is one
+last, masked tile peeled off after it. The teachers' N (64 to 4096) need none.
 
 Cautions: fp16/bf16 on GPU (fp32 accumulate); fp32 inputs would run tl.dot in TF32, so the op layer sends fp32
 on CUDA elsewhere. Under TRITON_INTERPRET=1 (set before Triton is imported) the same kernels run on CPU tensors
@@ -73,6 +74,44 @@ def _load_tile(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, strid
 
 
 @triton.jit
+def _fwd_key_tile(
+    q, q_t, acc, acc_t, m_i, l_i,  # the query tile (and its tail chunk), the running state
+    K, V, batch, head, offs_kv, offs_d, offs_t, d_mask, t_mask, seq_len,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    scale_log2e,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile holds rows past seq_len: mask them (only the last tile of a ragged N)
+    BLOCK_T: tl.constexpr,  # tail-chunk lanes, 0 for none (q_t and acc_t are then placeholders, passed through)
+):  # fmt: skip
+    """One step of the online softmax over the key rows `offs_kv`: the new (acc, acc_t, m_i, l_i)."""
+    if MASKED:
+        kv_valid = offs_kv < seq_len
+        kv_mask = kv_valid[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]  # padded head-dim lanes only (tl.load broadcasts it over the rows)
+    k = _load_tile(K, batch, head, offs_kv, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
+    s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
+    if BLOCK_T > 0:
+        kvt_mask = (kv_valid[:, None] & t_mask[None, :]) if MASKED else t_mask[None, :]
+        k_t = _load_tile(K, batch, head, offs_kv, offs_t, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kvt_mask)
+        s = tl.dot(q_t, tl.trans(k_t), s)
+    s = s * scale_log2e
+    if MASKED:
+        s = tl.where(kv_valid[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    v = _load_tile(V, batch, head, offs_kv, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+    if BLOCK_T > 0:
+        v_t = _load_tile(V, batch, head, offs_kv, offs_t, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kvt_mask)
+        acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None])
+    return acc, acc_t, m_new, l_i
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q,  # (B, H, N, D) queries
     K,  # (B, H, N, D) keys
@@ -88,7 +127,7 @@ def _attention_fwd_kernel(
     scale_log2e,  # softmax scale times log2(e)
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
-    RAGGED_KEYS: tl.constexpr,  # seq_len % BLOCK_N != 0: key tiles need a row mask (else none at all)
+    RAGGED_KEYS: tl.constexpr,  # seq_len % BLOCK_N != 0: the last key tile is masked (the others never are)
     BLOCK_D: tl.constexpr,  # head-dim lanes of the first chunk, a power of two >= 16 (`head_dim_chunks`)
     BLOCK_T: tl.constexpr,  # lanes of the tail chunk after it, a power of two >= 16, or 0 for none
     BLOCK_M: tl.constexpr,
@@ -114,34 +153,22 @@ def _attention_fwd_kernel(
         q_t_ptrs = _tile_ptrs(Q, batch, head, offs_m, offs_t, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED)
         q_t = tl.load(q_t_ptrs, mask=m_mask[:, None] & t_mask[None, :], other=0.0)
         acc_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
-    for start_n in range(0, seq_len, BLOCK_N):
-        offs_kv = start_n + offs_n
-        if RAGGED_KEYS:
-            kv_valid = offs_kv < seq_len
-            kv_mask = kv_valid[:, None] & d_mask[None, :]
-        else:
-            kv_mask = d_mask[None, :]  # padded head-dim lanes only (tl.load broadcasts it over the rows)
-        k = _load_tile(K, batch, head, offs_kv, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
-        s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
-        if BLOCK_T > 0:
-            kvt_mask = (kv_valid[:, None] & t_mask[None, :]) if RAGGED_KEYS else t_mask[None, :]
-            k_t = _load_tile(K, batch, head, offs_kv, offs_t, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED,
-                             kvt_mask)  # fmt: skip
-            s = tl.dot(q_t, tl.trans(k_t), s)
-        s = s * scale_log2e
-        if RAGGED_KEYS:
-            s = tl.where(kv_valid[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        p = tl.exp2(s - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_tile(V, batch, head, offs_kv, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
-        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-        if BLOCK_T > 0:
-            v_t = _load_tile(V, batch, head, offs_kv, offs_t, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED,
-                             kvt_mask)  # fmt: skip
-            acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None])
-        m_i = m_new
+    else:
+        offs_t, t_mask, q_t, acc_t = offs_d, d_mask, q, acc  # placeholders the tile step passes through
+    # Whole key tiles unmasked, then (ragged N only) the last one masked: the loop itself carries no key mask.
+    full_tiles_end = seq_len - seq_len % BLOCK_N if RAGGED_KEYS else seq_len
+    for start_n in range(0, full_tiles_end, BLOCK_N):
+        acc, acc_t, m_i, l_i = _fwd_key_tile(
+            q, q_t, acc, acc_t, m_i, l_i, K, V, batch, head, start_n + offs_n, offs_d, offs_t, d_mask, t_mask,
+            seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            scale_log2e, ALIGNED, False, BLOCK_T,
+        )  # fmt: skip
+    if RAGGED_KEYS:
+        acc, acc_t, m_i, l_i = _fwd_key_tile(
+            q, q_t, acc, acc_t, m_i, l_i, K, V, batch, head, full_tiles_end + offs_n, offs_d, offs_t, d_mask, t_mask,
+            seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            scale_log2e, ALIGNED, True, BLOCK_T,
+        )  # fmt: skip
 
     tl.store(LSE + batch_head * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
     o_ptrs = _tile_ptrs(O, batch, head, offs_m, offs_d, stride_ob, stride_oh, stride_on, stride_od, ALIGNED)
@@ -179,6 +206,63 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_query_tile(
+    dk, dv, k, v,  # the accumulators and the key / value tile this program owns
+    Q, DO, LSE, DELTA, batch, head, row_base, rows, offs_d, d_mask, seq_len,
+    stride_qb, stride_qh, stride_qn, stride_qd,
+    stride_dob, stride_doh, stride_don, stride_dod,
+    scale_log2e,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile holds rows past seq_len (only the last tile of a ragged N)
+):  # fmt: skip
+    """dK and dV after the query rows `rows`."""
+    if MASKED:
+        row_valid = rows < seq_len
+        q_mask = row_valid[:, None] & d_mask[None, :]
+        # An out-of-range query row gets LSE = +inf, so its probabilities (and its dS) are exactly 0.
+        lse = tl.load(LSE + row_base + rows, mask=row_valid, other=float("inf"))
+        delta = tl.load(DELTA + row_base + rows, mask=row_valid, other=0.0)
+    else:
+        q_mask = d_mask[None, :]
+        lse = tl.load(LSE + row_base + rows)
+        delta = tl.load(DELTA + row_base + rows)
+    q = _load_tile(Q, batch, head, rows, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED, q_mask)
+    do = _load_tile(DO, batch, head, rows, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED, q_mask)
+    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2e - lse[None, :] * 1.4426950408889634)
+    dv = tl.dot(p_t.to(do.dtype), do, dv)  # (BLOCK_N, BLOCK_M) @ (BLOCK_M, BLOCK_D)
+    dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _dq_key_tile(
+    dq, q, do, lse, delta,  # the accumulator and this program's query-side tiles (lse in base 2)
+    K, V, batch, head, cols, offs_d, d_mask, seq_len,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
+    scale_log2e,
+    ALIGNED: tl.constexpr,
+    MASKED: tl.constexpr,  # the tile holds key rows past seq_len (only the last tile of a ragged N)
+):  # fmt: skip
+    """dQ after the key rows `cols`."""
+    if MASKED:
+        col_valid = cols < seq_len
+        kv_mask = col_valid[:, None] & d_mask[None, :]
+    else:
+        kv_mask = d_mask[None, :]
+    k = _load_tile(K, batch, head, cols, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
+    v = _load_tile(V, batch, head, cols, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
+    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2e - lse[:, None])
+    if MASKED:
+        p = tl.where(col_valid[None, :], p, 0.0)  # padded keys read as 0 would otherwise get weight exp(-LSE)
+    dp = tl.dot(do, tl.trans(v))
+    ds = p * (dp - delta[:, None])
+    return tl.dot(ds.to(k.dtype), k, dq)
+
+
+@triton.jit
 def _attention_bwd_dkdv_kernel(
     Q, K, V,  # (B, H, N, D) forward inputs
     DO,  # (B, H, N, D) upstream gradient
@@ -195,6 +279,7 @@ def _attention_bwd_dkdv_kernel(
     scale,
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
+    RAGGED: tl.constexpr,  # seq_len % BLOCK_M != 0: the last query tile is masked (the others never are)
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
@@ -211,23 +296,24 @@ def _attention_bwd_dkdv_kernel(
     k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
     v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
     row_base = batch_head * seq_len
+    scale_log2e = scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-    for start_m in range(0, seq_len, BLOCK_M):
-        rows = start_m + offs_m
-        row_valid = rows < seq_len
-        q_mask = row_valid[:, None] & d_mask[None, :]
-        q = _load_tile(Q, batch, head, rows, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED, q_mask)
-        do = _load_tile(DO, batch, head, rows, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED, q_mask)
-        # An out-of-range query row gets LSE = +inf, so its probabilities (and its dS) are exactly 0.
-        lse = tl.load(LSE + row_base + rows, mask=row_valid, other=float("inf"))
-        delta = tl.load(DELTA + row_base + rows, mask=row_valid, other=0.0)
-        p_t = tl.exp2(tl.dot(k, tl.trans(q)) * (scale * 1.4426950408889634) - lse[None, :] * 1.4426950408889634)
-        dv = tl.dot(p_t.to(do.dtype), do, dv)  # (BLOCK_N, BLOCK_M) @ (BLOCK_M, BLOCK_D)
-        dp_t = tl.dot(v, tl.trans(do))
-        ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk)
+    # Whole query tiles unmasked, then (ragged N only) the last one masked.
+    full_tiles_end = seq_len - seq_len % BLOCK_M if RAGGED else seq_len
+    for start_m in range(0, full_tiles_end, BLOCK_M):
+        dk, dv = _dkdv_query_tile(
+            dk, dv, k, v, Q, DO, LSE, DELTA, batch, head, row_base, start_m + offs_m, offs_d, d_mask, seq_len,
+            stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod, scale_log2e,
+            ALIGNED, False,
+        )  # fmt: skip
+    if RAGGED:
+        dk, dv = _dkdv_query_tile(
+            dk, dv, k, v, Q, DO, LSE, DELTA, batch, head, row_base, full_tiles_end + offs_m, offs_d, d_mask, seq_len,
+            stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod, scale_log2e,
+            ALIGNED, True,
+        )  # fmt: skip
 
     dk_ptrs = _tile_ptrs(DK, batch, head, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd, ALIGNED)
     dv_ptrs = _tile_ptrs(DV, batch, head, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd, ALIGNED)
@@ -251,6 +337,7 @@ def _attention_bwd_dq_kernel(
     scale,
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
+    RAGGED: tl.constexpr,  # seq_len % BLOCK_N != 0: the last key tile is masked (the others never are)
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
@@ -268,19 +355,21 @@ def _attention_bwd_dq_kernel(
     do = tl.load(do_ptrs, mask=q_mask, other=0.0)
     lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=m_mask, other=0.0)
+    scale_log2e = scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start_n in range(0, seq_len, BLOCK_N):
-        cols = start_n + offs_n
-        col_valid = cols < seq_len
-        kv_mask = col_valid[:, None] & d_mask[None, :]
-        k = _load_tile(K, batch, head, cols, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
-        v = _load_tile(V, batch, head, cols, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
-        p = tl.exp2(tl.dot(q, tl.trans(k)) * (scale * 1.4426950408889634) - lse[:, None])
-        p = tl.where(col_valid[None, :], p, 0.0)  # padded keys read as 0 would otherwise get weight exp(-LSE)
-        dp = tl.dot(do, tl.trans(v))
-        ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+    # Whole key tiles unmasked, then (ragged N only) the last one masked.
+    full_tiles_end = seq_len - seq_len % BLOCK_N if RAGGED else seq_len
+    for start_n in range(0, full_tiles_end, BLOCK_N):
+        dq = _dq_key_tile(
+            dq, q, do, lse, delta, K, V, batch, head, start_n + offs_n, offs_d, d_mask, seq_len, stride_kb, stride_kh,
+            stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, scale_log2e, ALIGNED, False,
+        )  # fmt: skip
+    if RAGGED:
+        dq = _dq_key_tile(
+            dq, q, do, lse, delta, K, V, batch, head, full_tiles_end + offs_n, offs_d, d_mask, seq_len, stride_kb,
+            stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, scale_log2e, ALIGNED, True,
+        )  # fmt: skip
 
     dq_ptrs = _tile_ptrs(DQ, batch, head, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, ALIGNED)
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
@@ -361,11 +450,13 @@ def attention_backward(
     cfg = configs.backward_dkdv
     _attention_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg.block_n), batch * heads)](
         q, k, v, grad_out, dk, dv, lse, delta, *input_strides, *dk.stride(), *dv.stride(), heads, seq_len, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        RAGGED=seq_len % cfg.block_m != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     cfg = configs.backward_dq
     _attention_bwd_dq_kernel[(triton.cdiv(seq_len, cfg.block_m), batch * heads)](
         q, k, v, grad_out, dq, lse, delta, *input_strides, *dq.stride(), heads, seq_len, scale,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **common,
+        RAGGED=seq_len % cfg.block_n != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages, **common,
     )  # fmt: skip
     return dq, dk, dv
