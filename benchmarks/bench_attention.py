@@ -53,6 +53,13 @@ def cases(quick: bool) -> list[tuple[str, tuple[int, int, int, int]]]:
     return found + [(f"sweep N={n}", (max(1, SWEEP_TOKENS // (n * 16)), 16, n, 64)) for n in SWEEP_N]
 
 
+def _autotuned(q, k, v):
+    from dtengine.runtime.flags import override
+
+    with override(attention_autotune=True):
+        return attention(q, k, v, backend="triton")
+
+
 def providers(device: torch.device) -> dict[str, Callable | str]:
     """name -> attention function, or the reason it cannot be measured here."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -69,6 +76,9 @@ def providers(device: torch.device) -> dict[str, Callable | str]:
     for name in ("triton", "xformers"):
         reason = ATTENTION_BACKENDS.unavailable[name](probe)
         found[name] = reason or (lambda q, k, v, name=name: attention(q, k, v, backend=name))
+    # The same kernel with its forward tiles autotuned per shape (DTENGINE_ATTENTION_AUTOTUNE=1): whether that beats
+    # the shipped table decides if it becomes the default. Its first call per shape times the tiles (warm-up).
+    found["triton-autotuned"] = found["triton"] if isinstance(found["triton"], str) else _autotuned
     found["sdpa"] = F.scaled_dot_product_attention
     for name, backend in (("flash", SDPBackend.FLASH_ATTENTION), ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
         found[f"sdpa-{name}"] = sdpa_with(backend) if device.type == "cuda" else "SDPA's fused kernels need CUDA"

@@ -83,16 +83,19 @@ def capture_launches(every_config: bool = True) -> Iterator[list[CapturedLaunch]
     """Inside the block, kernel launches are recorded into the yielded list instead of running; launchers accept
     CPU tensors (see `interpreter.can_run_on`). Outputs stay unwritten, so only launchers whose later launches do
     not depend on earlier results can be captured in one go. An autotuned launch is recorded once per
-    configuration (autotuning compiles them all), or once, with its first configuration, when `every_config` is
-    False (to count launches)."""
+    configuration its early prune keeps (autotuning compiles them all), or once, with its first configuration,
+    when `every_config` is False (to count launches); heuristics wrappers add the values they compute."""
     launches: list[CapturedLaunch] = []
 
     def record(kernel, *args, grid=None, warmup=False, **kwargs):
         launches.append(CapturedLaunch(kernel, args, kwargs))
 
     def record_every_config(tuner, *args, grid=None, warmup=False, **kwargs):
-        for config in tuner.configs if every_config else tuner.configs[:1]:  # autotuning compiles each one
-            record(tuner.fn, *args, **{**kwargs, **config.all_kwargs()})
+        tuner.nargs = dict(zip(tuner.arg_names, args))
+        configs = tuner.prune_configs(kwargs) if every_config else tuner.configs[:1]  # what autotuning compiles
+        for config in configs:
+            kernel, options = _apply_heuristics(tuner.fn, args, {**kwargs, **config.all_kwargs()})
+            record(kernel, *args, **options)
 
     jit_run, tuner_run = JITFunction.run, Autotuner.run
     JITFunction.run, Autotuner.run = record, record_every_config
@@ -102,6 +105,15 @@ def capture_launches(every_config: bool = True) -> Iterator[list[CapturedLaunch]
     finally:
         JITFunction.run, Autotuner.run = jit_run, tuner_run
         interpreter.CAPTURING = False
+
+
+def _apply_heuristics(kernel, args: tuple, kwargs: dict) -> tuple[JITFunction, dict]:
+    """The jitted kernel under `triton.heuristics` wrappers, and the launch options with the values they set."""
+    while not isinstance(kernel, JITFunction):
+        named = {**dict(zip(kernel.arg_names, args)), **kwargs}
+        kwargs = {**kwargs, **{name: rule(named) for name, rule in kernel.values.items()}}
+        kernel = kernel.fn
+    return kernel, kwargs
 
 
 @dataclass(frozen=True)

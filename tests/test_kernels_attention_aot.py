@@ -16,6 +16,11 @@ pytest.importorskip("triton")
 
 from dtkernels.aot import ARCHES, capture_launches, compile_launch  # noqa: E402
 from dtkernels.attention import HEAD_DIMS, attention_backward, attention_forward  # noqa: E402
+from dtkernels.attention.configs import (  # noqa: E402
+    FORWARD_TUNING_SPACE,
+    forward_configs_that_fit,
+    forward_shared_bytes,
+)
 from dtkernels.attention.flash import vector_aligned  # noqa: E402
 
 LAYOUTS = ("bhnd", "bnhd")  # contiguous (B, H, N, D); the teacher's (B, N, H, D) projections viewed as (B, H, N, D)
@@ -86,3 +91,28 @@ def test_the_alignment_check_refuses_offset_views_and_odd_strides():
     shifted = torch.randn(dense.numel() + 4, dtype=torch.bfloat16)[4:].view(dense.shape)  # 8 bytes in
     assert not vector_aligned(shifted)
     assert not vector_aligned(torch.randn(2, 4, 72, 16, dtype=torch.bfloat16).transpose(2, 3))  # D not innermost
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head_dim, seq_len", [(40, 4096), (72, 256), (160, 1024)])
+def test_every_tile_the_forward_autotuner_would_time_compiles_and_fits(head_dim, seq_len):
+    """With DTENGINE_ATTENTION_AUTOTUNE=1 the forward times the tiles its prune keeps: each must compile for an
+    A100 (the smaller shared memory of the two targets) and fit; the prune must have dropped the ones that would
+    not. Spills are allowed: the timing judges them."""
+    q, k, v = qkv(head_dim, "bnhd", seq_len=seq_len)
+    with capture_launches() as launches:
+        attention_forward(q, k, v, head_dim**-0.5, autotune=True)
+    assert 4 <= len(launches) <= len(FORWARD_TUNING_SPACE)
+    for launch in launches:
+        assert launch.kwargs["RAGGED_KEYS"] == (seq_len % launch.kwargs["BLOCK_N"] != 0)
+        result = compile_launch(launch, 80)
+        assert result.fits_shared_memory, f"{launch.options()}: {result.summary()}"
+
+
+def test_the_forward_prune_keeps_tiles_that_fit_and_are_not_longer_than_n():
+    space = FORWARD_TUNING_SPACE
+    kept = forward_configs_that_fit(space, head_dim=160, seq_len=64, shared_limit=100_000)
+    assert kept and all(c.block_n <= 64 for c in kept)
+    assert all(forward_shared_bytes(c, 160) <= 100_000 for c in kept)
+    assert len(forward_configs_that_fit(space, 64, 4096, 10**9)) == len(space)
+    assert forward_configs_that_fit(space, 160, 4096, shared_limit=1) == space[:1]  # never empty

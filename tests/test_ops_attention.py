@@ -93,3 +93,23 @@ def test_bad_inputs_are_clear_errors():
         attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="dtype"):
         attention(q, q.double(), q)
+
+
+def test_the_autotune_switch_reaches_the_triton_forward(monkeypatch):
+    """DTENGINE_ATTENTION_AUTOTUNE=1 (the `attention_autotune` flag) asks the Triton launcher to time its tiles."""
+    import dtkernels.attention
+    from dtengine.ops.attention.op import attention_forward_op
+    from dtengine.runtime.flags import override
+
+    asked = []
+
+    def launcher(q, k, v, scale, autotune=False):
+        asked.append(autotune)
+        return torch.zeros_like(q), q.new_zeros(q.shape[:3])
+
+    monkeypatch.setattr(dtkernels.attention, "attention_forward", launcher)
+    q, k, v = _qkv((1, 2, 16, 32))
+    attention_forward_op(q, k, v, 0.2, "triton")
+    with override(attention_autotune=True):
+        attention_forward_op(q, k, v, 0.2, "triton")
+    assert asked == [False, True]

@@ -3,6 +3,8 @@
     DTENGINE_DISABLE_TRITON=1               no op uses a Triton kernel (a kill switch: explicit requests too)
     DTENGINE_FEATURE_LOSS_BACKEND=<name>    force feature_regression_loss's backend (torch | triton)
     DTENGINE_ATTENTION_BACKEND=<name>       force attention's backend (sdpa | triton | xformers)
+    DTENGINE_ATTENTION_AUTOTUNE=1           Triton attention forward: time a small space of tiles per (D, N)
+                                            instead of the shipped table (cached on disk; see docs/kernels.md)
 
 Reading the environment once keeps it out of hot paths and out of compiled graphs: `torch.compile` sees a module
 global it can guard on, never `os.environ`. Change a switch inside a process with `override(...)` (a context
@@ -26,12 +28,15 @@ class Flags:
     """Backend forced on `feature_regression_loss` ("" = what the caller asked; DTENGINE_FEATURE_LOSS_BACKEND)."""
     attention_backend: str = ""
     """Backend forced on `attention` ("" = what the caller asked; DTENGINE_ATTENTION_BACKEND)."""
+    attention_autotune: bool = False
+    """Autotune the Triton attention forward's tiles per (head dim, sequence length) (DTENGINE_ATTENTION_AUTOTUNE=1)."""
 
 
 ENVIRONMENT = {
     "disable_triton": "DTENGINE_DISABLE_TRITON",
     "feature_loss_backend": "DTENGINE_FEATURE_LOSS_BACKEND",
     "attention_backend": "DTENGINE_ATTENTION_BACKEND",
+    "attention_autotune": "DTENGINE_ATTENTION_AUTOTUNE",
 }
 """Flag name -> the environment variable it is read from."""
 
@@ -42,6 +47,7 @@ def from_environment(environ: dict[str, str] | None = None) -> Flags:
         disable_triton=environ.get(ENVIRONMENT["disable_triton"], "") == "1",
         feature_loss_backend=environ.get(ENVIRONMENT["feature_loss_backend"], ""),
         attention_backend=environ.get(ENVIRONMENT["attention_backend"], ""),
+        attention_autotune=environ.get(ENVIRONMENT["attention_autotune"], "") == "1",
     )
 
 

@@ -79,6 +79,35 @@ def forward_config(head_dim: int) -> KernelConfig:
     return CHUNKED_FORWARD[chunks] if chunks[1] else CONFIGS[chunks[0]].forward
 
 
+# The forward's autotuning space (opt-in; the tables above are the default): query tile, key tile,
+# pipeline stages and warps, as FlashAttention-2's Triton tutorial searches them. Pruned per launch by
+# `forward_configs_that_fit`, then timed once per (D, N, dtype) and cached on disk by Triton.
+FORWARD_TUNING_SPACE = [
+    KernelConfig(block_m, block_n, num_warps, num_stages)
+    for block_m in (64, 128)
+    for block_n in (32, 64, 128)
+    for num_stages in (2, 3, 4)
+    for num_warps in (4, 8)
+]
+
+
+def forward_shared_bytes(config: KernelConfig, head_dim: int, element_bytes: int = 2) -> int:
+    """An upper estimate of the forward's shared memory: the query tile and `num_stages` buffered K and V tiles,
+    all as wide as the head dim's chunks."""
+    width = sum(head_dim_chunks(head_dim))
+    return element_bytes * width * (config.block_m + 2 * config.num_stages * config.block_n)
+
+
+def forward_configs_that_fit(
+    configs: list[KernelConfig], head_dim: int, seq_len: int, shared_limit: int
+) -> list[KernelConfig]:
+    """The tiles worth timing: within `shared_limit` bytes (a launch beyond it fails), and no key tile longer than
+    the sequence rounded up to 32 (it would mostly compute masked scores). Never empty: the first config stays."""
+    longest_key_tile = max(32, 1 << (seq_len - 1).bit_length())
+    kept = [c for c in configs if forward_shared_bytes(c, head_dim) <= shared_limit and c.block_n <= longest_key_tile]
+    return kept or configs[:1]
+
+
 def padded_head_dim(head_dim: int) -> int:
     """BLOCK_D for a head dim: the next power of two, at least 16."""
     return max(16, 1 << (head_dim - 1).bit_length())

@@ -35,7 +35,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dtkernels.attention.configs import configs_for, forward_config, head_dim_chunks, padded_head_dim
+from dtkernels.attention.configs import (
+    FORWARD_TUNING_SPACE,
+    KernelConfig,
+    configs_for,
+    forward_config,
+    forward_configs_that_fit,
+    head_dim_chunks,
+    padded_head_dim,
+)
+from dtkernels.interpreter import INTERPRETED
 
 LOG2E = 1.4426950408889634
 
@@ -375,6 +384,43 @@ def _attention_bwd_dq_kernel(
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
 
 
+A100_SHARED_OPTIN = 166_912  # bytes per block: the smaller limit of the two AOT targets, used off CUDA (capture)
+
+
+def _shared_limit(device: torch.device) -> int:
+    if device.type != "cuda":
+        return A100_SHARED_OPTIN
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+
+
+def _as_kernel_config(config: triton.Config) -> KernelConfig:
+    return KernelConfig(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.num_warps, config.num_stages)
+
+
+def _prune_forward_configs(configs: list[triton.Config], named_args: dict, **kwargs) -> list[triton.Config]:
+    """The autotuner's early prune (`forward_configs_that_fit`), on the launch's head dim, N and device."""
+    fitting = forward_configs_that_fit(
+        [_as_kernel_config(c) for c in configs],
+        kwargs["HEAD_DIM"],
+        named_args["seq_len"],
+        _shared_limit(named_args["Q"].device),
+    )
+    return [c for c in configs if _as_kernel_config(c) in fitting]
+
+
+# The forward with its tiles timed per (D, N, layout, dtype) instead of taken from the table (DTENGINE_ATTENTION_
+# AUTOTUNE=1 through the op); RAGGED_KEYS then follows the chosen key tile. Triton caches each choice on disk.
+_attention_fwd_tuned = triton.autotune(
+    configs=[
+        triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n}, num_warps=c.num_warps, num_stages=c.num_stages)
+        for c in FORWARD_TUNING_SPACE
+    ],
+    key=["HEAD_DIM", "seq_len", "ALIGNED", "stride_qn"],
+    prune_configs_by={"early_config_prune": _prune_forward_configs},
+    cache_results=True,
+)(triton.heuristics({"RAGGED_KEYS": lambda args: args["seq_len"] % args["BLOCK_N"] != 0})(_attention_fwd_kernel))
+
+
 def vector_aligned(*tensors: Tensor) -> bool:
     """Whether every tensor starts on 16 bytes and has a unit last stride and other strides that divide by 8
     elements: then the kernels may declare the strides multiples of 8 (`ALIGNED`) and load rows as 128-bit
@@ -397,28 +443,32 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     configs_for(q.shape[-1])  # raises for an unsupported head dim
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float) -> tuple[Tensor, Tensor]:
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, autotune: bool = False) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel.
 
     Args:
         q, k, v: (B, H, N, D), fp16/bf16 on CUDA (fp32 on CPU via the interpreter), any strides.
         scale: softmax scale, usually D ** -0.5.
+        autotune: time `FORWARD_TUNING_SPACE` for this (D, N) once (cached) instead of the table's tiles; the
+            interpreter, which has nothing to time, always takes the table's.
     Returns:
         out (B, H, N, D) with q's dtype (and q's strides when q is dense), lse (B, H, N) fp32 contiguous.
     """
     _check_inputs(q, k, v)
     batch, heads, seq_len, head_dim = q.shape
-    cfg, (block_d, block_t) = forward_config(head_dim), head_dim_chunks(head_dim)
+    block_d, block_t = head_dim_chunks(head_dim)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
-    grid = (triton.cdiv(seq_len, cfg.block_m), batch * heads)
-    _attention_fwd_kernel[grid](
-        q, k, v, out, lse,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        heads, seq_len, scale * LOG2E,
-        HEAD_DIM=head_dim, ALIGNED=vector_aligned(q, k, v, out), RAGGED_KEYS=seq_len % cfg.block_n != 0,
-        BLOCK_D=block_d, BLOCK_T=block_t, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, seq_len, scale * LOG2E)
+    shape = dict(HEAD_DIM=head_dim, ALIGNED=vector_aligned(q, k, v, out), BLOCK_D=block_d, BLOCK_T=block_t)
+    if autotune and not INTERPRETED:
+        grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+        _attention_fwd_tuned[grid](*args, **shape)
+        return out, lse
+    cfg = forward_config(head_dim)
+    _attention_fwd_kernel[(triton.cdiv(seq_len, cfg.block_m), batch * heads)](
+        *args, **shape, RAGGED_KEYS=seq_len % cfg.block_n != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 

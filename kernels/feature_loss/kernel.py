@@ -79,6 +79,8 @@ def keep_tiles_that_fill_the_gpu(configs: list, named_args: dict, multiprocessor
     program per SM are kept; when none does, the ones giving the most programs.
     """
     r = named_args["RS"][0]
+    if multiprocessors is None and r.device.type != "cuda":
+        return configs  # captured for an ahead-of-time compile: no GPU to count SMs of, compile every tile
     sms = multiprocessors or _multiprocessors(r.device.index or 0)
     counts = {id(c): programs(c, named_args["PS"], r.shape[0]) for c in configs}
     filling = [c for c in configs if counts[id(c)] >= sms]

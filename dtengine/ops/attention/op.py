@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.utils.flop_counter import register_flop_formula
 
 from dtengine.ops.attention.reference import attention_backward_reference
+from dtengine.runtime.flags import flags
 
 
 def _dense_like(result: Tensor, layout: Tensor) -> Tensor:
@@ -28,7 +29,7 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend:
     if backend == "triton":
         from dtkernels.attention import attention_forward
 
-        return attention_forward(q, k, v, scale)
+        return attention_forward(q, k, v, scale, autotune=flags().attention_autotune)
     if backend == "xformers":
         import xformers.ops as xops
 
