@@ -86,7 +86,8 @@ def test_teacher_features_with_triton_processor_match_diffusers(tmp_path, monkey
     unet, scheduler = build_unet(16, arch), DDPMScheduler(num_train_timesteps=1000)
     calls = []
     kernel_forward = dtkernels.attention.attention_forward
-    monkeypatch.setattr(dtkernels.attention, "attention_forward", lambda *a: calls.append(1) or kernel_forward(*a))
+    spy = lambda *args, **kwargs: calls.append(1) or kernel_forward(*args, **kwargs)  # noqa: E731
+    monkeypatch.setattr(dtkernels.attention, "attention_forward", spy)
     monkeypatch.setenv("DTENGINE_ATTENTION_BACKEND", "triton")
     images = torch.rand(2, 3, 16, 16)
     features = {}
