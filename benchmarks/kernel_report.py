@@ -67,7 +67,11 @@ def attention_rows(arch: int) -> list[dict]:
         q, k, v = (torch.empty(2, seq_len, 8, head_dim, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
         with capture_launches() as launches:
             out, lse = attention_forward(q, k, v, scale)
-            attention_backward(torch.empty_like(out), q, k, v, out, lse, scale)
+            attention_backward(torch.empty_like(out), q, k, v, out, lse, scale, deterministic=False)
+        with capture_launches() as deterministic:  # the path without atomics: its dK/dV and dQ kernels
+            attention_backward(torch.empty_like(out), q, k, v, out, lse, scale, deterministic=True)
+        launches += [launch for launch in deterministic if launch.kwargs.get("ATOMIC_DQ") is not None or
+                     launch.name.endswith("dq_kernel")]  # fmt: skip
         rows += [row(f"D={head_dim} N={seq_len}", launch, compile_launch(launch, arch)) for launch in launches]
     return rows
 
@@ -105,7 +109,8 @@ def main() -> None:
     for arch in args.arch or ARCHES:
         sections += [
             "",
-            f"## sm_{arch}: attention (bf16, the teacher's (B, N, H, D) view; forward, delta, dK/dV, dQ)",
+            f"## sm_{arch}: attention (bf16, the teacher's (B, N, H, D) view; forward, delta, dK/dV adding dQ with "
+            "atomics (`ATOMIC_DQ=True`; at D=160 a dQ kernel follows), then the deterministic path's dK/dV and dQ)",
             "",
             markdown_table(attention_rows(arch), COLUMNS),
             "",

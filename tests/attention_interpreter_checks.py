@@ -31,13 +31,14 @@ def _reference_grads(q, k, v, upstream, scale):
     return out.detach(), lse, (q64.grad, k64.grad, v64.grad)
 
 
+@pytest.mark.parametrize("deterministic", [False, True], ids=["atomic-dq", "dq-kernel"])
 @pytest.mark.parametrize("shape", SHAPES)
-def test_kernels_match_reference_forward_and_backward(shape):
+def test_kernels_match_reference_forward_and_backward(shape, deterministic):
     generator = torch.Generator().manual_seed(sum(shape))
     q, k, v, upstream = (torch.randn(shape, generator=generator) for _ in range(4))
     scale = shape[-1] ** -0.5
     out, lse = attention_forward(q, k, v, scale)
-    grads = attention_backward(upstream, q, k, v, out, lse, scale)
+    grads = attention_backward(upstream, q, k, v, out, lse, scale, deterministic=deterministic)
     want_out, want_lse, want_grads = _reference_grads(q, k, v, upstream, scale)
     torch.testing.assert_close(out, want_out.float(), rtol=1e-5, atol=2e-6)
     torch.testing.assert_close(lse, want_lse.float(), rtol=1e-5, atol=2e-6)
@@ -53,7 +54,7 @@ def test_misaligned_views_take_the_unhinted_variant_and_match():
     q, k, v, upstream = (torch.randn(1, 2, 37, 41, generator=generator)[..., 1:] for _ in range(4))
     assert not vector_aligned(q, k, v)
     out, lse = attention_forward(q, k, v, 0.2)
-    grads = attention_backward(upstream, q, k, v, out, lse, 0.2)
+    grads = attention_backward(upstream, q, k, v, out, lse, 0.2)  # the atomic dQ path (the default)
     want_out, _, want_grads = _reference_grads(q, k, v, upstream, 0.2)
     torch.testing.assert_close(out, want_out.float(), rtol=1e-5, atol=2e-6)
     for got, want in zip(grads, want_grads):
@@ -98,3 +99,20 @@ def test_teacher_features_with_triton_processor_match_diffusers(tmp_path, monkey
     assert len(calls) == 7, "every attention layer (2 down, 1 mid, 4 up) must run the Triton kernel"
     for ours, theirs in zip(features["dtengine"], features["diffusers"]):
         torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_deterministic_mode_takes_the_dq_kernel_and_repeats_bit_for_bit():
+    """torch.use_deterministic_algorithms(True) selects the atomics-free path: two runs give identical gradients."""
+    generator = torch.Generator().manual_seed(9)
+    q, k, v, upstream = (torch.randn(1, 2, 70, 40, generator=generator) for _ in range(4))
+    out, lse = attention_forward(q, k, v, 0.15)
+    torch.use_deterministic_algorithms(True)
+    try:
+        first, second = (attention_backward(upstream, q, k, v, out, lse, 0.15) for _ in range(2))
+    finally:
+        torch.use_deterministic_algorithms(False)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    atomic = attention_backward(upstream, q, k, v, out, lse, 0.15, deterministic=False)
+    for a, b in zip(first, atomic):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

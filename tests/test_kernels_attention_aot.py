@@ -3,8 +3,8 @@ real launch compiles it: the launchers run on CPU bf16 tensors of the layouts th
 captured, and Triton's own binder specialises them (see dtkernels.aot).
 
 Checked per head dim, layout, kernel and arch: compiles, fits shared memory, no register spills, tiles loaded as
-128-bit vectors with cp.async (no 16-bit element loads), and on sm_90 tl.dot lowered to wgmma. A misaligned
-view takes the unhinted variant, which must still compile and fit.
+128-bit vectors with cp.async (no 16-bit element loads), and on sm_90 tl.dot lowered to wgmma, never in n8 tiles.
+A misaligned view takes the unhinted variant, which must still compile and fit.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dtkernels.aot import ARCHES, capture_launches, compile_launch  # noqa: E402
 from dtkernels.attention import HEAD_DIMS, attention_backward, attention_forward  # noqa: E402
 from dtkernels.attention.configs import (  # noqa: E402
     FORWARD_TUNING_SPACE,
+    atomic_dq_fits,
     forward_configs_that_fit,
     forward_shared_bytes,
 )
@@ -34,16 +35,35 @@ def qkv(head_dim: int, layout: str, batch: int = 2, heads: int = 4, seq_len: int
 
 
 def launches_of(q, k, v):
-    """The four kernel launches of a forward and a backward pass, as the launchers make them."""
+    """The kernel launches of a forward and of both backward paths (atomic dQ, then the dQ kernel), as the
+    launchers make them."""
     scale = q.shape[-1] ** -0.5
     with capture_launches() as launches:
         out, lse = attention_forward(q, k, v, scale)
-        attention_backward(torch.randn_like(out), q, k, v, out, lse, scale)
-    assert [launch.name for launch in launches] == [
-        "_attention_fwd_kernel", "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel",
-        "_attention_bwd_dq_kernel",
+        attention_backward(torch.randn_like(out), q, k, v, out, lse, scale, deterministic=False)
+        attention_backward(torch.randn_like(out), q, k, v, out, lse, scale, deterministic=True)
+    atomic = atomic_dq_fits(q.shape[-1])
+    delta, dkdv, dq = "_attention_bwd_delta_kernel", "_attention_bwd_dkdv_kernel", "_attention_bwd_dq_kernel"
+    assert [(launch.name, launch.kwargs.get("ATOMIC_DQ")) for launch in launches] == [
+        ("_attention_fwd_kernel", None), (delta, None), (dkdv, atomic), *([] if atomic else [(dq, None)]),
+        (delta, None), (dkdv, False), (dq, None),
     ]  # fmt: skip
     return launches
+
+
+def test_torchs_deterministic_mode_selects_the_backward_without_atomics():
+    q, k, v = qkv(64, "bhnd", seq_len=64)
+    out, lse = torch.empty_like(q), torch.empty(q.shape[:3])
+    for deterministic in (False, True):
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            with capture_launches() as launches:
+                attention_backward(torch.randn_like(out), q, k, v, out, lse, 0.125)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        names = [launch.name for launch in launches]
+        assert ("_attention_bwd_dq_kernel" in names) == deterministic
+        assert launches[1].kwargs["ATOMIC_DQ"] == (not deterministic)
 
 
 @pytest.mark.parametrize("arch", ARCHES)
@@ -63,6 +83,8 @@ def test_real_launches_compile_without_spills_and_load_vectors(head_dim, layout,
                 problems.append(f"{result.name}: tiles are not copied with cp.async")
             if result.uses_wgmma != (arch == 90):
                 problems.append(f"{result.name}: wgmma {result.uses_wgmma} on sm_{arch}")
+            if any(shape.split("n")[1].split("k")[0] == "8" for shape in result.wgmma_shapes):
+                problems.append(f"{result.name}: n8 wgmma tiles {result.wgmma_shapes} (a quarter of an n32's work)")
     assert problems == [], f"D={head_dim} {layout} sm_{arch}: {problems}"
 
 

@@ -59,6 +59,37 @@ CHUNKED_FORWARD: dict[tuple[int, int], KernelConfig] = {
 }
 
 
+# The backward of D = 129..160 (128 + 16 or 32 lanes): four warps, so that no warpgroup's share of a 16-row tile
+# is an n8 wgmma (eight warps split it in two); the padded table's 256 row would.
+CHUNKED_BACKWARD: dict[tuple[int, int], tuple[KernelConfig, KernelConfig]] = {
+    (128, 16): (KernelConfig(16, 64, 4, 2), KernelConfig(64, 16, 4, 2)),
+    (128, 32): (KernelConfig(16, 64, 4, 2), KernelConfig(64, 16, 4, 2)),
+}
+
+
+# dK/dV with dQ added by atomics: the fifth GEMM's tile needs registers, so where the plain configuration would
+# spill (checked ahead of time), fewer query rows per step. Beyond 128 lanes no tile fits both accumulators, K, V
+# and the dQ tile without spilling: those head dims keep the two-kernel backward (`atomic_dq_fits`).
+ATOMIC_DKDV: dict[tuple[int, int], KernelConfig] = {
+    (64, 16): KernelConfig(16, 64, 4, 2),  # D = 72, 80
+    (64, 32): KernelConfig(16, 64, 4, 2),  # D = 96
+    (128, 0): KernelConfig(32, 64, 8, 2),
+}
+ATOMIC_DQ_MAX_LANES = 128
+
+
+def atomic_dq_fits(head_dim: int) -> bool:
+    """Whether the dK/dV kernel can also accumulate dQ (with atomics) at `head_dim` without spilling."""
+    return sum(head_dim_chunks(head_dim)) <= ATOMIC_DQ_MAX_LANES
+
+
+def backward_configs(head_dim: int, atomic_dq: bool = False) -> tuple[KernelConfig, KernelConfig]:
+    """(dK/dV, dQ) kernel configurations at `head_dim`; `atomic_dq`: the dK/dV kernel adds dQ too."""
+    configs, chunks = configs_for(head_dim), head_dim_chunks(head_dim)
+    dkdv, dq = CHUNKED_BACKWARD.get(chunks, (configs.backward_dkdv, configs.backward_dq))
+    return (ATOMIC_DKDV.get(chunks, dkdv) if atomic_dq else dkdv), dq
+
+
 def head_dim_chunks(head_dim: int) -> tuple[int, int]:
     """(BLOCK_D, BLOCK_T): the forward processes the head dim as a chunk of BLOCK_D lanes and, when that leaves
     some, a tail chunk of BLOCK_T lanes (0: none), both powers of two of at least 16 (tl.dot's limits), padded by

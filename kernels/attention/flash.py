@@ -13,12 +13,15 @@ Backward (FlashAttention-2): with P = exp(scale * Q K^T - LSE) recomputed tile b
     delta = rowsum(dO * O)                           = rowsum(P * dP), computed once by a small preprocess kernel
     dV    = P^T dO,  dP = dO V^T,  dS = P * (dP - delta)
     dQ    = scale * dS K,  dK = scale * dS^T Q
-One kernel owns a key tile and loops over queries (dK, dV); a second owns a query tile and loops over keys (dQ),
-so no program ever needs atomics.
+One kernel owns a key tile and loops over queries (dK, dV) and adds each query tile's dQ share into an fp32
+buffer with atomics: five GEMMs per pair of tiles, but the order of the additions varies, so dQ is not
+bit-reproducible. Under `torch.use_deterministic_algorithms(True)` (or `deterministic=True`), and for head dims
+over 128 lanes (160: the extra dQ tile would spill), a second kernel owns a query tile and loops over keys for dQ
+instead: no atomics, seven GEMMs (it recomputes P and dP).
 
-Head dims that are not a power of two (40, 72, 80, 160) run in the forward as two power-of-two chunks (72 = 64 +
-16, 160 = 128 + 32; `head_dim_chunks`), and are padded to the next power of two in the backward, both by masked
-loads (padded lanes read 0, contribute 0 to every dot product, and are never stored); N need not be a multiple of any
+Head dims that are not a power of two (40, 72, 80, 160) run as two power-of-two chunks (72 = 64 + 16, 160 = 128 +
+32; `head_dim_chunks`) in the forward and in the backward's two tile kernels, with masked loads (padded lanes
+read 0, contribute 0 to every dot product, and are never stored); N need not be a multiple of any
 block size (out-of-range keys get score -inf, out-of-range queries are never stored). Every kernel's inner loop
 runs unmasked over whole tiles; only when N is not a multiple of the loop's tile (`RAGGED_KEYS`, `RAGGED`) is one
 last, masked tile peeled off after it. The teachers' N (64 to 4096) need none.
@@ -38,6 +41,8 @@ from torch import Tensor
 from dtkernels.attention.configs import (
     FORWARD_TUNING_SPACE,
     KernelConfig,
+    atomic_dq_fits,
+    backward_configs,
     configs_for,
     forward_config,
     forward_configs_that_fit,
@@ -215,60 +220,120 @@ def _attention_bwd_delta_kernel(
 
 
 @triton.jit
+def _load_chunks(X, batch, head, rows, offs_d, offs_t, d_mask, t_mask, row_valid, stride_b, stride_h, stride_n,
+                 stride_d, ALIGNED: tl.constexpr, MASKED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    """The row tile X[batch, head, rows, :] as its head-dim chunks (x, x_t); x_t is x itself when BLOCK_T = 0.
+    Rows past N (only when MASKED) and padded lanes read 0."""
+    mask = (row_valid[:, None] & d_mask[None, :]) if MASKED else d_mask[None, :]
+    x = _load_tile(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, stride_d, ALIGNED, mask)
+    x_t = x
+    if BLOCK_T > 0:
+        mask_t = (row_valid[:, None] & t_mask[None, :]) if MASKED else t_mask[None, :]
+        x_t = _load_tile(X, batch, head, rows, offs_t, stride_b, stride_h, stride_n, stride_d, ALIGNED, mask_t)
+    return x, x_t
+
+
+@triton.jit
+def _dot_rows(a, a_t, b, b_t, BLOCK_T: tl.constexpr):
+    """a b^T over both head-dim chunks: (rows of a, rows of b), fp32."""
+    out = tl.dot(a, tl.trans(b))
+    if BLOCK_T > 0:
+        out = tl.dot(a_t, tl.trans(b_t), out)
+    return out
+
+
+@triton.jit
 def _dkdv_query_tile(
-    dk, dv, k, v,  # the accumulators and the key / value tile this program owns
-    Q, DO, LSE, DELTA, batch, head, row_base, rows, offs_d, d_mask, seq_len,
+    dk, dk_t, dv, dv_t, k, k_t, v, v_t,  # the accumulators and the key / value tile this program owns, by chunk
+    Q, DO, LSE, DELTA, DQ_ACC, batch, head, row_base, rows, offs_d, offs_t, d_mask, t_mask, seq_len,
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_dob, stride_doh, stride_don, stride_dod,
-    scale_log2e,
+    scale, scale_log2e,
+    HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,
     MASKED: tl.constexpr,  # the tile holds rows past seq_len (only the last tile of a ragged N)
+    ATOMIC_DQ: tl.constexpr,  # also add this tile's share of dQ into DQ_ACC
+    BLOCK_T: tl.constexpr,  # tail-chunk lanes, 0 for none (the *_t values are then placeholders, passed through)
 ):  # fmt: skip
-    """dK and dV after the query rows `rows`."""
+    """dK and dV after the query rows `rows` (and, with ATOMIC_DQ, those rows' dQ from this key tile)."""
+    row_valid = rows < seq_len
     if MASKED:
-        row_valid = rows < seq_len
-        q_mask = row_valid[:, None] & d_mask[None, :]
         # An out-of-range query row gets LSE = +inf, so its probabilities (and its dS) are exactly 0.
         lse = tl.load(LSE + row_base + rows, mask=row_valid, other=float("inf"))
         delta = tl.load(DELTA + row_base + rows, mask=row_valid, other=0.0)
     else:
-        q_mask = d_mask[None, :]
         lse = tl.load(LSE + row_base + rows)
         delta = tl.load(DELTA + row_base + rows)
-    q = _load_tile(Q, batch, head, rows, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED, q_mask)
-    do = _load_tile(DO, batch, head, rows, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED, q_mask)
-    p_t = tl.exp2(tl.dot(k, tl.trans(q)) * scale_log2e - lse[None, :] * 1.4426950408889634)
+    q, q_t = _load_chunks(Q, batch, head, rows, offs_d, offs_t, d_mask, t_mask, row_valid, stride_qb, stride_qh,
+                          stride_qn, stride_qd, ALIGNED, MASKED, BLOCK_T)  # fmt: skip
+    do, do_t = _load_chunks(DO, batch, head, rows, offs_d, offs_t, d_mask, t_mask, row_valid, stride_dob, stride_doh,
+                            stride_don, stride_dod, ALIGNED, MASKED, BLOCK_T)  # fmt: skip
+    p_t = tl.exp2(_dot_rows(k, k_t, q, q_t, BLOCK_T) * scale_log2e - lse[None, :] * 1.4426950408889634)
     dv = tl.dot(p_t.to(do.dtype), do, dv)  # (BLOCK_N, BLOCK_M) @ (BLOCK_M, BLOCK_D)
-    dp_t = tl.dot(v, tl.trans(do))
-    ds_t = p_t * (dp_t - delta[None, :])
+    ds_t = p_t * (_dot_rows(v, v_t, do, do_t, BLOCK_T) - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk)
-    return dk, dv
+    if BLOCK_T > 0:
+        dv_t = tl.dot(p_t.to(do_t.dtype), do_t, dv_t)
+        dk_t = tl.dot(ds_t.to(q_t.dtype), q_t, dk_t)
+    if ATOMIC_DQ:
+        # The fifth GEMM: dQ[rows] += scale * dS K, added into an fp32 (B, H, N, D) buffer that every key tile's
+        # program adds to, instead of a second kernel recomputing P and dP (two GEMMs more). The order of those
+        # additions varies from run to run, so dQ is not bit-reproducible on this path.
+        ds = tl.trans(ds_t * scale).to(k.dtype)  # (BLOCK_M, BLOCK_N)
+        acc_rows = DQ_ACC + (row_base + rows).to(tl.int64)[:, None] * HEAD_DIM
+        tl.atomic_add(acc_rows + offs_d[None, :], tl.dot(ds, k), mask=row_valid[:, None] & d_mask[None, :],
+                      sem="relaxed")  # fmt: skip
+        if BLOCK_T > 0:
+            tl.atomic_add(acc_rows + offs_t[None, :], tl.dot(ds, k_t), mask=row_valid[:, None] & t_mask[None, :],
+                          sem="relaxed")  # fmt: skip
+    return dk, dk_t, dv, dv_t
 
 
 @triton.jit
 def _dq_key_tile(
-    dq, q, do, lse, delta,  # the accumulator and this program's query-side tiles (lse in base 2)
-    K, V, batch, head, cols, offs_d, d_mask, seq_len,
+    dq, dq_t, q, q_t, do, do_t, lse, delta,  # the accumulators and this program's query-side tiles (lse in base 2)
+    K, V, batch, head, cols, offs_d, offs_t, d_mask, t_mask, seq_len,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     scale_log2e,
     ALIGNED: tl.constexpr,
     MASKED: tl.constexpr,  # the tile holds key rows past seq_len (only the last tile of a ragged N)
+    BLOCK_T: tl.constexpr,
 ):  # fmt: skip
     """dQ after the key rows `cols`."""
-    if MASKED:
-        col_valid = cols < seq_len
-        kv_mask = col_valid[:, None] & d_mask[None, :]
-    else:
-        kv_mask = d_mask[None, :]
-    k = _load_tile(K, batch, head, cols, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
-    v = _load_tile(V, batch, head, cols, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
-    p = tl.exp2(tl.dot(q, tl.trans(k)) * scale_log2e - lse[:, None])
+    col_valid = cols < seq_len
+    k, k_t = _load_chunks(K, batch, head, cols, offs_d, offs_t, d_mask, t_mask, col_valid, stride_kb, stride_kh,
+                          stride_kn, stride_kd, ALIGNED, MASKED, BLOCK_T)  # fmt: skip
+    v, v_t = _load_chunks(V, batch, head, cols, offs_d, offs_t, d_mask, t_mask, col_valid, stride_vb, stride_vh,
+                          stride_vn, stride_vd, ALIGNED, MASKED, BLOCK_T)  # fmt: skip
+    p = tl.exp2(_dot_rows(q, q_t, k, k_t, BLOCK_T) * scale_log2e - lse[:, None])
     if MASKED:
         p = tl.where(col_valid[None, :], p, 0.0)  # padded keys read as 0 would otherwise get weight exp(-LSE)
-    dp = tl.dot(do, tl.trans(v))
-    ds = p * (dp - delta[:, None])
-    return tl.dot(ds.to(k.dtype), k, dq)
+    ds = p * (_dot_rows(do, do_t, v, v_t, BLOCK_T) - delta[:, None])
+    dq = tl.dot(ds.to(k.dtype), k, dq)
+    if BLOCK_T > 0:
+        dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t)
+    return dq, dq_t
+
+
+@triton.jit
+def _head_dim_lanes(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Lanes and masks of the two head-dim chunks (the tail's are the head's when BLOCK_T = 0: placeholders)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = offs_d
+    if BLOCK_T > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+    return offs_d, offs_t, offs_d < HEAD_DIM, offs_t < HEAD_DIM
+
+
+@triton.jit
+def _store_chunks(X, x, x_t, batch, head, rows, offs_d, offs_t, d_mask, t_mask, row_valid, stride_b, stride_h,
+                  stride_n, stride_d, ALIGNED: tl.constexpr, BLOCK_T: tl.constexpr):  # fmt: skip
+    ptrs = _tile_ptrs(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, stride_d, ALIGNED)
+    tl.store(ptrs, x.to(X.dtype.element_ty), mask=row_valid[:, None] & d_mask[None, :])
+    if BLOCK_T > 0:
+        ptrs = _tile_ptrs(X, batch, head, rows, offs_t, stride_b, stride_h, stride_n, stride_d, ALIGNED)
+        tl.store(ptrs, x_t.to(X.dtype.element_ty), mask=row_valid[:, None] & t_mask[None, :])
 
 
 @triton.jit
@@ -277,6 +342,7 @@ def _attention_bwd_dkdv_kernel(
     DO,  # (B, H, N, D) upstream gradient
     DK, DV,  # (B, H, N, D) outputs
     LSE, DELTA,  # (B, H, N) fp32, contiguous
+    DQ_ACC,  # (B, H, N, D) fp32, contiguous, zeroed: scale * dS K is added here with ATOMIC_DQ (else unused)
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -289,45 +355,50 @@ def _attention_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     RAGGED: tl.constexpr,  # seq_len % BLOCK_M != 0: the last query tile is masked (the others never are)
-    BLOCK_D: tl.constexpr,
+    ATOMIC_DQ: tl.constexpr,  # compute dQ here too, with fp32 atomics (no dQ kernel)
+    BLOCK_D: tl.constexpr,  # head-dim chunks, as in the forward (`head_dim_chunks`)
+    BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows per loop step
     BLOCK_N: tl.constexpr,  # key rows owned by this program
 ):  # fmt: skip
     batch_head, batch, head = _program_batch_head(num_heads)
     offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    n_mask = offs_n < seq_len
-    kv_mask = n_mask[:, None] & d_mask[None, :]
-    k_ptrs = _tile_ptrs(K, batch, head, offs_n, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED)
-    v_ptrs = _tile_ptrs(V, batch, head, offs_n, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED)
-    k = tl.load(k_ptrs, mask=kv_mask, other=0.0)
-    v = tl.load(v_ptrs, mask=kv_mask, other=0.0)
+    offs_d, offs_t, d_mask, t_mask = _head_dim_lanes(HEAD_DIM, BLOCK_D, BLOCK_T)
+    n_valid = offs_n < seq_len
+    k, k_t = _load_chunks(K, batch, head, offs_n, offs_d, offs_t, d_mask, t_mask, n_valid, stride_kb, stride_kh,
+                          stride_kn, stride_kd, ALIGNED, True, BLOCK_T)  # fmt: skip
+    v, v_t = _load_chunks(V, batch, head, offs_n, offs_d, offs_t, d_mask, t_mask, n_valid, stride_vb, stride_vh,
+                          stride_vn, stride_vd, ALIGNED, True, BLOCK_T)  # fmt: skip
     row_base = batch_head * seq_len
     scale_log2e = scale * 1.4426950408889634
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    dk_t, dv_t = dk, dv
+    if BLOCK_T > 0:
+        dk_t = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
+        dv_t = tl.zeros([BLOCK_N, BLOCK_T], tl.float32)
     # Whole query tiles unmasked, then (ragged N only) the last one masked.
     full_tiles_end = seq_len - seq_len % BLOCK_M if RAGGED else seq_len
     for start_m in range(0, full_tiles_end, BLOCK_M):
-        dk, dv = _dkdv_query_tile(
-            dk, dv, k, v, Q, DO, LSE, DELTA, batch, head, row_base, start_m + offs_m, offs_d, d_mask, seq_len,
-            stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod, scale_log2e,
-            ALIGNED, False,
+        dk, dk_t, dv, dv_t = _dkdv_query_tile(
+            dk, dk_t, dv, dv_t, k, k_t, v, v_t, Q, DO, LSE, DELTA, DQ_ACC, batch, head, row_base, start_m + offs_m,
+            offs_d, offs_t, d_mask, t_mask, seq_len, stride_qb, stride_qh, stride_qn, stride_qd, stride_dob,
+            stride_doh, stride_don, stride_dod, scale, scale_log2e, HEAD_DIM, ALIGNED, False, ATOMIC_DQ, BLOCK_T,
         )  # fmt: skip
     if RAGGED:
-        dk, dv = _dkdv_query_tile(
-            dk, dv, k, v, Q, DO, LSE, DELTA, batch, head, row_base, full_tiles_end + offs_m, offs_d, d_mask, seq_len,
-            stride_qb, stride_qh, stride_qn, stride_qd, stride_dob, stride_doh, stride_don, stride_dod, scale_log2e,
-            ALIGNED, True,
+        dk, dk_t, dv, dv_t = _dkdv_query_tile(
+            dk, dk_t, dv, dv_t, k, k_t, v, v_t, Q, DO, LSE, DELTA, DQ_ACC, batch, head, row_base,
+            full_tiles_end + offs_m, offs_d, offs_t, d_mask, t_mask, seq_len, stride_qb, stride_qh, stride_qn,
+            stride_qd, stride_dob, stride_doh, stride_don, stride_dod, scale, scale_log2e, HEAD_DIM, ALIGNED, True,
+            ATOMIC_DQ, BLOCK_T,
         )  # fmt: skip
 
-    dk_ptrs = _tile_ptrs(DK, batch, head, offs_n, offs_d, stride_dkb, stride_dkh, stride_dkn, stride_dkd, ALIGNED)
-    dv_ptrs = _tile_ptrs(DV, batch, head, offs_n, offs_d, stride_dvb, stride_dvh, stride_dvn, stride_dvd, ALIGNED)
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=kv_mask)
+    _store_chunks(DK, dk * scale, dk_t * scale, batch, head, offs_n, offs_d, offs_t, d_mask, t_mask, n_valid,
+                  stride_dkb, stride_dkh, stride_dkn, stride_dkd, ALIGNED, BLOCK_T)  # fmt: skip
+    _store_chunks(DV, dv, dv_t, batch, head, offs_n, offs_d, offs_t, d_mask, t_mask, n_valid, stride_dvb, stride_dvh,
+                  stride_dvn, stride_dvd, ALIGNED, BLOCK_T)  # fmt: skip
 
 
 @triton.jit
@@ -347,41 +418,45 @@ def _attention_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     RAGGED: tl.constexpr,  # seq_len % BLOCK_N != 0: the last key tile is masked (the others never are)
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # head-dim chunks, as in the forward (`head_dim_chunks`)
+    BLOCK_T: tl.constexpr,
     BLOCK_M: tl.constexpr,  # query rows owned by this program
     BLOCK_N: tl.constexpr,  # key rows per loop step
 ):  # fmt: skip
     batch_head, batch, head = _program_batch_head(num_heads)
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
-    m_mask = offs_m < seq_len
-    q_mask = m_mask[:, None] & d_mask[None, :]
-    q_ptrs = _tile_ptrs(Q, batch, head, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED)
-    q = tl.load(q_ptrs, mask=q_mask, other=0.0)
-    do_ptrs = _tile_ptrs(DO, batch, head, offs_m, offs_d, stride_dob, stride_doh, stride_don, stride_dod, ALIGNED)
-    do = tl.load(do_ptrs, mask=q_mask, other=0.0)
-    lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=m_mask, other=0.0) * 1.4426950408889634
-    delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=m_mask, other=0.0)
+    offs_d, offs_t, d_mask, t_mask = _head_dim_lanes(HEAD_DIM, BLOCK_D, BLOCK_T)
+    m_valid = offs_m < seq_len
+    q, q_t = _load_chunks(Q, batch, head, offs_m, offs_d, offs_t, d_mask, t_mask, m_valid, stride_qb, stride_qh,
+                          stride_qn, stride_qd, ALIGNED, True, BLOCK_T)  # fmt: skip
+    do, do_t = _load_chunks(DO, batch, head, offs_m, offs_d, offs_t, d_mask, t_mask, m_valid, stride_dob, stride_doh,
+                            stride_don, stride_dod, ALIGNED, True, BLOCK_T)  # fmt: skip
+    lse = tl.load(LSE + batch_head * seq_len + offs_m, mask=m_valid, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + batch_head * seq_len + offs_m, mask=m_valid, other=0.0)
     scale_log2e = scale * 1.4426950408889634
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    dq_t = dq
+    if BLOCK_T > 0:
+        dq_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
     # Whole key tiles unmasked, then (ragged N only) the last one masked.
     full_tiles_end = seq_len - seq_len % BLOCK_N if RAGGED else seq_len
     for start_n in range(0, full_tiles_end, BLOCK_N):
-        dq = _dq_key_tile(
-            dq, q, do, lse, delta, K, V, batch, head, start_n + offs_n, offs_d, d_mask, seq_len, stride_kb, stride_kh,
-            stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, scale_log2e, ALIGNED, False,
+        dq, dq_t = _dq_key_tile(
+            dq, dq_t, q, q_t, do, do_t, lse, delta, K, V, batch, head, start_n + offs_n, offs_d, offs_t, d_mask,
+            t_mask, seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            scale_log2e, ALIGNED, False, BLOCK_T,
         )  # fmt: skip
     if RAGGED:
-        dq = _dq_key_tile(
-            dq, q, do, lse, delta, K, V, batch, head, full_tiles_end + offs_n, offs_d, d_mask, seq_len, stride_kb,
-            stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd, scale_log2e, ALIGNED, True,
+        dq, dq_t = _dq_key_tile(
+            dq, dq_t, q, q_t, do, do_t, lse, delta, K, V, batch, head, full_tiles_end + offs_n, offs_d, offs_t,
+            d_mask, t_mask, seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn,
+            stride_vd, scale_log2e, ALIGNED, True, BLOCK_T,
         )  # fmt: skip
 
-    dq_ptrs = _tile_ptrs(DQ, batch, head, offs_m, offs_d, stride_dqb, stride_dqh, stride_dqn, stride_dqd, ALIGNED)
-    tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=q_mask)
+    _store_chunks(DQ, dq * scale, dq_t * scale, batch, head, offs_m, offs_d, offs_t, d_mask, t_mask, m_valid,
+                  stride_dqb, stride_dqh, stride_dqn, stride_dqd, ALIGNED, BLOCK_T)  # fmt: skip
 
 
 A100_SHARED_OPTIN = 166_912  # bytes per block: the smaller limit of the two AOT targets, used off CUDA (capture)
@@ -474,39 +549,57 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, autotune: b
 
 
 def attention_backward(
-    grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, scale: float
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    out: Tensor,
+    lse: Tensor,
+    scale: float,
+    deterministic: bool | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """Launch the backward kernels (delta preprocess, dK/dV, dQ).
+    """Launch the backward kernels: delta preprocess, then dK/dV with dQ added by fp32 atomics (five GEMMs per
+    pair of tiles), or, when deterministic or beyond 128 head-dim lanes (`atomic_dq_fits`), dK/dV and a separate
+    dQ kernel (seven: it recomputes P and dP).
 
     Args:
         grad_out: upstream gradient dO, (B, H, N, D).
         q, k, v, out, lse: the forward's inputs and outputs.
         scale: the forward's softmax scale.
+        deterministic: bit-reproducible dQ (the two-kernel path); None follows
+            `torch.are_deterministic_algorithms_enabled()`.
     Returns:
         dq, dk, dv: (B, H, N, D) with the dtypes and (dense) strides of q, k, v.
     """
     _check_inputs(q, k, v)
+    if deterministic is None:
+        deterministic = torch.are_deterministic_algorithms_enabled()
     batch, heads, seq_len, head_dim = q.shape
-    configs, block_d = configs_for(head_dim), padded_head_dim(head_dim)
+    configs, (block_d, block_t) = configs_for(head_dim), head_dim_chunks(head_dim)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     delta = torch.empty_like(lse)
-    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, ALIGNED=vector_aligned(q, k, v, out, grad_out, dq, dk, dv))
+    aligned = vector_aligned(q, k, v, out, grad_out, dq, dk, dv)
+    common = dict(HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_T=block_t, ALIGNED=aligned)
 
-    fwd = configs.forward
+    fwd = configs.forward  # the elementwise delta pass needs no chunks: one tile padded to a power of two
     _attention_bwd_delta_kernel[(triton.cdiv(seq_len, fwd.block_m), batch * heads)](
-        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_len, BLOCK_M=fwd.block_m, **common
-    )
-    input_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
-    cfg = configs.backward_dkdv
-    _attention_bwd_dkdv_kernel[(triton.cdiv(seq_len, cfg.block_n), batch * heads)](
-        q, k, v, grad_out, dk, dv, lse, delta, *input_strides, *dk.stride(), *dv.stride(), heads, seq_len, scale,
-        RAGGED=seq_len % cfg.block_m != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **common,
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), heads, seq_len, BLOCK_M=fwd.block_m,
+        HEAD_DIM=head_dim, BLOCK_D=padded_head_dim(head_dim), ALIGNED=aligned,
     )  # fmt: skip
-    cfg = configs.backward_dq
-    _attention_bwd_dq_kernel[(triton.cdiv(seq_len, cfg.block_m), batch * heads)](
+    input_strides = (*q.stride(), *k.stride(), *v.stride(), *grad_out.stride())
+    atomic_dq = not deterministic and atomic_dq_fits(head_dim)
+    dkdv_cfg, dq_cfg = backward_configs(head_dim, atomic_dq)
+    dq_acc = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic_dq else dk  # dk: unused
+    _attention_bwd_dkdv_kernel[(triton.cdiv(seq_len, dkdv_cfg.block_n), batch * heads)](
+        q, k, v, grad_out, dk, dv, lse, delta, dq_acc, *input_strides, *dk.stride(), *dv.stride(), heads, seq_len,
+        scale, RAGGED=seq_len % dkdv_cfg.block_m != 0, ATOMIC_DQ=atomic_dq, BLOCK_M=dkdv_cfg.block_m,
+        BLOCK_N=dkdv_cfg.block_n, num_warps=dkdv_cfg.num_warps, num_stages=dkdv_cfg.num_stages, **common,
+    )  # fmt: skip
+    if atomic_dq:
+        return dq.copy_(dq_acc), dk, dv  # one pass: fp32 to q's dtype, into q's strides (scale is already in)
+    _attention_bwd_dq_kernel[(triton.cdiv(seq_len, dq_cfg.block_m), batch * heads)](
         q, k, v, grad_out, dq, lse, delta, *input_strides, *dq.stride(), heads, seq_len, scale,
-        RAGGED=seq_len % cfg.block_n != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **common,
+        RAGGED=seq_len % dq_cfg.block_n != 0, BLOCK_M=dq_cfg.block_m, BLOCK_N=dq_cfg.block_n,
+        num_warps=dq_cfg.num_warps, num_stages=dq_cfg.num_stages, **common,
     )  # fmt: skip
     return dq, dk, dv
