@@ -76,6 +76,18 @@ def attention_rows(arch: int) -> list[dict]:
     return rows
 
 
+def tma_rows(arch: int) -> list[dict]:
+    """The forward reading through TMA descriptors (DTENGINE_ATTENTION_TMA=1; sm_90 and newer only)."""
+    rows = []
+    for head_dim in HEAD_DIMS:
+        seq_len = ATTENTION_SEQ[head_dim]
+        q, k, v = (torch.empty(2, seq_len, 8, head_dim, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        with capture_launches() as launches:
+            attention_forward(q, k, v, head_dim**-0.5, tma=True)
+        rows += [row(f"D={head_dim} N={seq_len} TMA", launch, compile_launch(launch, arch)) for launch in launches]
+    return rows
+
+
 def loss_rows(arch: int) -> list[dict]:
     rows = []
     for layout, memory_format in (("NCHW", torch.contiguous_format), ("NHWC", torch.channels_last)):
@@ -114,6 +126,17 @@ def main() -> None:
             "",
             markdown_table(attention_rows(arch), COLUMNS),
             "",
+            *(
+                [
+                    f"## sm_{arch}: attention forward through TMA descriptors (opt-in; `loop` also counts the "
+                    "mbarrier wait loops)",
+                    "",
+                    markdown_table(tma_rows(arch), COLUMNS),
+                    "",
+                ]
+                if arch >= 90
+                else []
+            ),
             f"## sm_{arch}: fused feature loss (bf16 r and g, whitened, 3 levels in one launch per kernel; forward and "
             "backward, every tile config; `loop` lists each level's channel loop)",
             "",

@@ -138,3 +138,22 @@ def test_the_forward_prune_keeps_tiles_that_fit_and_are_not_longer_than_n():
     assert all(forward_shared_bytes(c, 160) <= 100_000 for c in kept)
     assert len(forward_configs_that_fit(space, 64, 4096, 10**9)) == len(space)
     assert forward_configs_that_fit(space, 160, 4096, shared_limit=1) == space[:1]  # never empty
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_the_tma_forward_compiles_to_tensor_memory_copies_on_sm90(head_dim, layout):
+    """DTENGINE_ATTENTION_TMA=1 (off by default until a GPU has run it): the forward reads q, k and v through TMA
+    descriptors (UTMALDG), does not spill and fits; a misaligned view falls back to pointer loads."""
+    q, k, v = qkv(head_dim, layout)
+    with capture_launches() as launches:
+        attention_forward(q, k, v, head_dim**-0.5, tma=True)
+    (launch,) = launches
+    assert launch.kwargs["USE_TMA"]
+    result = compile_launch(launch, 90)
+    print(f"D={head_dim} {layout} TMA {result.summary()}")
+    assert result.tma and result.problems() == [], result.summary()
+    base = torch.randn(2, 4, 64, head_dim + 1, dtype=torch.bfloat16)
+    with capture_launches() as launches:
+        attention_forward(base[..., 1:], base[..., 1:], base[..., 1:], 0.1, tma=True)
+    assert not launches[0].kwargs["USE_TMA"]

@@ -95,16 +95,16 @@ def test_bad_inputs_are_clear_errors():
         attention(q, q.double(), q)
 
 
-def test_the_autotune_switch_reaches_the_triton_forward(monkeypatch):
-    """DTENGINE_ATTENTION_AUTOTUNE=1 (the `attention_autotune` flag) asks the Triton launcher to time its tiles."""
+def test_the_autotune_and_tma_switches_reach_the_triton_forward(monkeypatch):
+    """DTENGINE_ATTENTION_AUTOTUNE=1 and DTENGINE_ATTENTION_TMA=1 reach the Triton launcher."""
     import dtkernels.attention
     from dtengine.ops.attention.op import attention_forward_op
     from dtengine.runtime.flags import override
 
     asked = []
 
-    def launcher(q, k, v, scale, autotune=False):
-        asked.append(autotune)
+    def launcher(q, k, v, scale, autotune=False, tma=False):
+        asked.append((autotune, tma))
         return torch.zeros_like(q), q.new_zeros(q.shape[:3])
 
     monkeypatch.setattr(dtkernels.attention, "attention_forward", launcher)
@@ -112,4 +112,6 @@ def test_the_autotune_switch_reaches_the_triton_forward(monkeypatch):
     attention_forward_op(q, k, v, 0.2, "triton")
     with override(attention_autotune=True):
         attention_forward_op(q, k, v, 0.2, "triton")
-    assert asked == [False, True]
+    with override(attention_tma=True):
+        attention_forward_op(q, k, v, 0.2, "triton")
+    assert asked == [(False, False), (True, False), (False, True)]

@@ -71,11 +71,12 @@ def test_backend_errors_are_one_line_user_errors():
 def test_switches_are_read_once_from_the_environment():
     read = flags.from_environment({
         "DTENGINE_DISABLE_TRITON": "1", "DTENGINE_ATTENTION_BACKEND": "sdpa", "DTENGINE_FEATURE_LOSS_BACKEND": "torch",
-        "DTENGINE_ATTENTION_AUTOTUNE": "1",
+        "DTENGINE_ATTENTION_AUTOTUNE": "1", "DTENGINE_ATTENTION_TMA": "1",
     })  # fmt: skip
     assert read == flags.Flags(
-        disable_triton=True, feature_loss_backend="torch", attention_backend="sdpa", attention_autotune=True
-    )
+        disable_triton=True, feature_loss_backend="torch", attention_backend="sdpa", attention_autotune=True,
+        attention_tma=True,
+    )  # fmt: skip
     before = flags.flags()
     with flags.override(disable_triton=not before.disable_triton) as inside:
         assert flags.flags() is inside and inside.disable_triton != before.disable_triton

@@ -5,6 +5,8 @@
     DTENGINE_ATTENTION_BACKEND=<name>       force attention's backend (sdpa | triton | xformers)
     DTENGINE_ATTENTION_AUTOTUNE=1           Triton attention forward: time a small space of tiles per (D, N)
                                             instead of the shipped table (cached on disk; see docs/kernels.md)
+    DTENGINE_ATTENTION_TMA=1                Triton attention forward: read q, k, v through TMA descriptors on sm_90+
+                                            (unverified on a GPU, hence off)
 
 Reading the environment once keeps it out of hot paths and out of compiled graphs: `torch.compile` sees a module
 global it can guard on, never `os.environ`. Change a switch inside a process with `override(...)` (a context
@@ -30,6 +32,8 @@ class Flags:
     """Backend forced on `attention` ("" = what the caller asked; DTENGINE_ATTENTION_BACKEND)."""
     attention_autotune: bool = False
     """Autotune the Triton attention forward's tiles per (head dim, sequence length) (DTENGINE_ATTENTION_AUTOTUNE=1)."""
+    attention_tma: bool = False
+    """Load the Triton attention forward's tiles through TMA descriptors where possible (DTENGINE_ATTENTION_TMA=1)."""
 
 
 ENVIRONMENT = {
@@ -37,6 +41,7 @@ ENVIRONMENT = {
     "feature_loss_backend": "DTENGINE_FEATURE_LOSS_BACKEND",
     "attention_backend": "DTENGINE_ATTENTION_BACKEND",
     "attention_autotune": "DTENGINE_ATTENTION_AUTOTUNE",
+    "attention_tma": "DTENGINE_ATTENTION_TMA",
 }
 """Flag name -> the environment variable it is read from."""
 
@@ -48,6 +53,7 @@ def from_environment(environ: dict[str, str] | None = None) -> Flags:
         feature_loss_backend=environ.get(ENVIRONMENT["feature_loss_backend"], ""),
         attention_backend=environ.get(ENVIRONMENT["attention_backend"], ""),
         attention_autotune=environ.get(ENVIRONMENT["attention_autotune"], "") == "1",
+        attention_tma=environ.get(ENVIRONMENT["attention_tma"], "") == "1",
     )
 
 

@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dtkernels import interpreter
 from dtkernels.attention.configs import (
     FORWARD_TUNING_SPACE,
     KernelConfig,
@@ -88,27 +89,40 @@ def _load_tile(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, strid
 
 
 @triton.jit
+def _load_rows(X, DESC, batch, head, row0, rows, offs, lanes0, lane_mask, row_valid, stride_b, stride_h, stride_n,
+               stride_d, ALIGNED: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr,
+               BLOCK_LANES: tl.constexpr):  # fmt: skip
+    """The (BLOCK_ROWS, BLOCK_LANES) tile X[batch, head, row0 + i, lanes0 + j]: through the tensor memory accelerator
+    from descriptor DESC (which fills rows past N and lanes past D with 0 itself), or by masked pointer loads."""
+    if USE_TMA:
+        return DESC.load([batch.to(tl.int32), head.to(tl.int32), row0, lanes0]).reshape(BLOCK_ROWS, BLOCK_LANES)
+    mask = (row_valid[:, None] & lane_mask[None, :]) if MASKED else lane_mask[None, :]
+    return _load_tile(X, batch, head, rows, offs, stride_b, stride_h, stride_n, stride_d, ALIGNED, mask)
+
+
+@triton.jit
 def _fwd_key_tile(
     q, q_t, acc, acc_t, m_i, l_i,  # the query tile (and its tail chunk), the running state
-    K, V, batch, head, offs_kv, offs_d, offs_t, d_mask, t_mask, seq_len,
+    K, V, DESCS, batch, head, start_n, offs_n, offs_d, offs_t, d_mask, t_mask, seq_len,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
     scale_log2e,
     ALIGNED: tl.constexpr,
     MASKED: tl.constexpr,  # the tile holds rows past seq_len: mask them (only the last tile of a ragged N)
+    USE_TMA: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     BLOCK_T: tl.constexpr,  # tail-chunk lanes, 0 for none (q_t and acc_t are then placeholders, passed through)
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
-    """One step of the online softmax over the key rows `offs_kv`: the new (acc, acc_t, m_i, l_i)."""
-    if MASKED:
-        kv_valid = offs_kv < seq_len
-        kv_mask = kv_valid[:, None] & d_mask[None, :]
-    else:
-        kv_mask = d_mask[None, :]  # padded head-dim lanes only (tl.load broadcasts it over the rows)
-    k = _load_tile(K, batch, head, offs_kv, offs_d, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kv_mask)
+    """One step of the online softmax over the key rows start_n + offs_n: the new (acc, acc_t, m_i, l_i)."""
+    offs_kv = start_n + offs_n
+    kv_valid = offs_kv < seq_len
+    k = _load_rows(K, DESCS[2], batch, head, start_n, offs_kv, offs_d, 0, d_mask, kv_valid, stride_kb, stride_kh,
+                   stride_kn, stride_kd, ALIGNED, MASKED, USE_TMA, BLOCK_N, BLOCK_D)  # fmt: skip
     s = tl.dot(q, tl.trans(k))  # (BLOCK_M, BLOCK_N)
     if BLOCK_T > 0:
-        kvt_mask = (kv_valid[:, None] & t_mask[None, :]) if MASKED else t_mask[None, :]
-        k_t = _load_tile(K, batch, head, offs_kv, offs_t, stride_kb, stride_kh, stride_kn, stride_kd, ALIGNED, kvt_mask)
+        k_t = _load_rows(K, DESCS[3], batch, head, start_n, offs_kv, offs_t, BLOCK_D, t_mask, kv_valid, stride_kb,
+                         stride_kh, stride_kn, stride_kd, ALIGNED, MASKED, USE_TMA, BLOCK_N, BLOCK_T)  # fmt: skip
         s = tl.dot(q_t, tl.trans(k_t), s)
     s = s * scale_log2e
     if MASKED:
@@ -117,10 +131,12 @@ def _fwd_key_tile(
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    v = _load_tile(V, batch, head, offs_kv, offs_d, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kv_mask)
+    v = _load_rows(V, DESCS[4], batch, head, start_n, offs_kv, offs_d, 0, d_mask, kv_valid, stride_vb, stride_vh,
+                   stride_vn, stride_vd, ALIGNED, MASKED, USE_TMA, BLOCK_N, BLOCK_D)  # fmt: skip
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
     if BLOCK_T > 0:
-        v_t = _load_tile(V, batch, head, offs_kv, offs_t, stride_vb, stride_vh, stride_vn, stride_vd, ALIGNED, kvt_mask)
+        v_t = _load_rows(V, DESCS[5], batch, head, start_n, offs_kv, offs_t, BLOCK_D, t_mask, kv_valid, stride_vb,
+                         stride_vh, stride_vn, stride_vd, ALIGNED, MASKED, USE_TMA, BLOCK_N, BLOCK_T)  # fmt: skip
         acc_t = tl.dot(p.to(v_t.dtype), v_t, acc_t * alpha[:, None])
     return acc, acc_t, m_new, l_i
 
@@ -132,6 +148,7 @@ def _attention_fwd_kernel(
     V,  # (B, H, N, D) values
     O,  # (B, H, N, D) output  # noqa: E741
     LSE,  # (B, H, N) fp32, contiguous: natural-log softmax normaliser per query row
+    DESCS,  # with USE_TMA: TMA descriptors of q, q's tail chunk, k, k's tail, v, v's tail (else q, q, k, k, v, v)
     stride_qb, stride_qh, stride_qn, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -142,20 +159,22 @@ def _attention_fwd_kernel(
     HEAD_DIM: tl.constexpr,
     ALIGNED: tl.constexpr,  # every B, H, N stride divides by 8 and every pointer by 16 bytes (`vector_aligned`)
     RAGGED_KEYS: tl.constexpr,  # seq_len % BLOCK_N != 0: the last key tile is masked (the others never are)
+    USE_TMA: tl.constexpr,  # q, k, v tiles come through the tensor memory accelerator (sm_90+, opt-in)
     BLOCK_D: tl.constexpr,  # head-dim lanes of the first chunk, a power of two >= 16 (`head_dim_chunks`)
     BLOCK_T: tl.constexpr,  # lanes of the tail chunk after it, a power of two >= 16, or 0 for none
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     batch_head, batch, head = _program_batch_head(num_heads)
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    start_m = tl.program_id(0) * BLOCK_M
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     d_mask = offs_d < HEAD_DIM
     m_mask = offs_m < seq_len
 
-    q_ptrs = _tile_ptrs(Q, batch, head, offs_m, offs_d, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED)
-    q = tl.load(q_ptrs, mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+    q = _load_rows(Q, DESCS[0], batch, head, start_m, offs_m, offs_d, 0, d_mask, m_mask, stride_qb,
+                   stride_qh, stride_qn, stride_qd, ALIGNED, True, USE_TMA, BLOCK_M, BLOCK_D)  # fmt: skip
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -164,8 +183,8 @@ def _attention_fwd_kernel(
         # its own accumulator. Two power-of-two chunks do 0.6-0.8x the MMA work of one padded to 128 or 256.
         offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
         t_mask = offs_t < HEAD_DIM
-        q_t_ptrs = _tile_ptrs(Q, batch, head, offs_m, offs_t, stride_qb, stride_qh, stride_qn, stride_qd, ALIGNED)
-        q_t = tl.load(q_t_ptrs, mask=m_mask[:, None] & t_mask[None, :], other=0.0)
+        q_t = _load_rows(Q, DESCS[1], batch, head, start_m, offs_m, offs_t, BLOCK_D, t_mask, m_mask, stride_qb,
+                         stride_qh, stride_qn, stride_qd, ALIGNED, True, USE_TMA, BLOCK_M, BLOCK_T)  # fmt: skip
         acc_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
     else:
         offs_t, t_mask, q_t, acc_t = offs_d, d_mask, q, acc  # placeholders the tile step passes through
@@ -173,15 +192,15 @@ def _attention_fwd_kernel(
     full_tiles_end = seq_len - seq_len % BLOCK_N if RAGGED_KEYS else seq_len
     for start_n in range(0, full_tiles_end, BLOCK_N):
         acc, acc_t, m_i, l_i = _fwd_key_tile(
-            q, q_t, acc, acc_t, m_i, l_i, K, V, batch, head, start_n + offs_n, offs_d, offs_t, d_mask, t_mask,
+            q, q_t, acc, acc_t, m_i, l_i, K, V, DESCS, batch, head, start_n, offs_n, offs_d, offs_t, d_mask, t_mask,
             seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
-            scale_log2e, ALIGNED, False, BLOCK_T,
+            scale_log2e, ALIGNED, False, USE_TMA, BLOCK_D, BLOCK_T, BLOCK_N,
         )  # fmt: skip
     if RAGGED_KEYS:
         acc, acc_t, m_i, l_i = _fwd_key_tile(
-            q, q_t, acc, acc_t, m_i, l_i, K, V, batch, head, full_tiles_end + offs_n, offs_d, offs_t, d_mask, t_mask,
-            seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
-            scale_log2e, ALIGNED, True, BLOCK_T,
+            q, q_t, acc, acc_t, m_i, l_i, K, V, DESCS, batch, head, full_tiles_end, offs_n, offs_d, offs_t, d_mask,
+            t_mask, seq_len, stride_kb, stride_kh, stride_kn, stride_kd, stride_vb, stride_vh, stride_vn, stride_vd,
+            scale_log2e, ALIGNED, True, USE_TMA, BLOCK_D, BLOCK_T, BLOCK_N,
         )  # fmt: skip
 
     tl.store(LSE + batch_head * seq_len + offs_m, (m_i + tl.log2(l_i)) * 0.6931471805599453, mask=m_mask)
@@ -518,7 +537,37 @@ def _check_inputs(q: Tensor, k: Tensor, v: Tensor) -> None:
     configs_for(q.shape[-1])  # raises for an unsupported head dim
 
 
-def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, autotune: bool = False) -> tuple[Tensor, Tensor]:
+def tma_usable(*tensors: Tensor) -> bool:
+    """Whether the forward can read these tensors through TMA descriptors: Triton has them, the device is an sm_90
+    or newer (or the interpreter, or an ahead-of-time capture), and every tensor passes `vector_aligned` (16-byte
+    base and row strides, unit last stride: what a descriptor requires)."""
+    try:
+        from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: F401
+    except ImportError:
+        return False
+    device = tensors[0].device
+    on_hopper = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return (on_hopper or INTERPRETED or interpreter.CAPTURING) and vector_aligned(*tensors)
+
+
+def _tma_descriptors(q: Tensor, k: Tensor, v: Tensor, cfg: KernelConfig, block_d: int, block_t: int) -> tuple:
+    """Descriptors of the forward's tiles: q, k and v, each by head-dim chunk (a box of [1, 1, rows, lanes])."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def box(x: Tensor, rows: int, lanes: int) -> TensorDescriptor:
+        return TensorDescriptor(x, list(x.shape), list(x.stride()), [1, 1, rows, lanes])
+
+    tail = block_t or block_d  # without a tail chunk, never read
+    return tuple(
+        box(x, rows, lanes)
+        for x, rows in ((q, cfg.block_m), (k, cfg.block_n), (v, cfg.block_n))
+        for lanes in (block_d, tail)
+    )
+
+
+def attention_forward(
+    q: Tensor, k: Tensor, v: Tensor, scale: float, autotune: bool = False, tma: bool = False
+) -> tuple[Tensor, Tensor]:
     """Launch the forward kernel.
 
     Args:
@@ -526,6 +575,8 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, autotune: b
         scale: softmax scale, usually D ** -0.5.
         autotune: time `FORWARD_TUNING_SPACE` for this (D, N) once (cached) instead of the table's tiles; the
             interpreter, which has nothing to time, always takes the table's.
+        tma: read q, k, v through TMA descriptors where `tma_usable` (else, silently, by pointer loads); with the
+            table's tiles only (the autotuned launch loads by pointers).
     Returns:
         out (B, H, N, D) with q's dtype (and q's strides when q is dense), lse (B, H, N) fp32 contiguous.
     """
@@ -534,16 +585,19 @@ def attention_forward(q: Tensor, k: Tensor, v: Tensor, scale: float, autotune: b
     block_d, block_t = head_dim_chunks(head_dim)
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, seq_len), device=q.device, dtype=torch.float32)
-    args = (q, k, v, out, lse, *q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, seq_len, scale * LOG2E)
+    strides = (*q.stride(), *k.stride(), *v.stride(), *out.stride(), heads, seq_len, scale * LOG2E)
     shape = dict(HEAD_DIM=head_dim, ALIGNED=vector_aligned(q, k, v, out), BLOCK_D=block_d, BLOCK_T=block_t)
+    pointers = (q, q, k, k, v, v)  # what DESCS holds without TMA: never read
     if autotune and not INTERPRETED:
         grid = lambda meta: (triton.cdiv(seq_len, meta["BLOCK_M"]), batch * heads)  # noqa: E731
-        _attention_fwd_tuned[grid](*args, **shape)
+        _attention_fwd_tuned[grid](q, k, v, out, lse, pointers, *strides, USE_TMA=False, **shape)
         return out, lse
     cfg = forward_config(head_dim)
+    use_tma = tma and tma_usable(q, k, v)
+    descs = _tma_descriptors(q, k, v, cfg, block_d, block_t) if use_tma else pointers
     _attention_fwd_kernel[(triton.cdiv(seq_len, cfg.block_m), batch * heads)](
-        *args, **shape, RAGGED_KEYS=seq_len % cfg.block_n != 0, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        q, k, v, out, lse, descs, *strides, **shape, RAGGED_KEYS=seq_len % cfg.block_n != 0, USE_TMA=use_tma,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out, lse
 

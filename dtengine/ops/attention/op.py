@@ -29,7 +29,8 @@ def attention_forward_op(q: Tensor, k: Tensor, v: Tensor, scale: float, backend:
     if backend == "triton":
         from dtkernels.attention import attention_forward
 
-        return attention_forward(q, k, v, scale, autotune=flags().attention_autotune)
+        switches = flags()
+        return attention_forward(q, k, v, scale, autotune=switches.attention_autotune, tma=switches.attention_tma)
     if backend == "xformers":
         import xformers.ops as xops
 
