@@ -116,11 +116,12 @@ def test_the_alignment_check_refuses_offset_views_and_odd_strides():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("head_dim, seq_len", [(40, 4096), (72, 256), (160, 1024)])
+@pytest.mark.parametrize("head_dim, seq_len", [(160, 1024)])
 def test_every_tile_the_forward_autotuner_would_time_compiles_and_fits(head_dim, seq_len):
     """With DTENGINE_ATTENTION_AUTOTUNE=1 the forward times the tiles its prune keeps: each must compile for an
     A100 (the smaller shared memory of the two targets) and fit; the prune must have dropped the ones that would
-    not. Spills are allowed: the timing judges them."""
+    not. Spills are allowed: the timing judges them. One shape, the widest (the prune drops most there); the whole
+    matrix stays out of the suite (add shapes here to run it)."""
     q, k, v = qkv(head_dim, "bnhd", seq_len=seq_len)
     with capture_launches() as launches:
         attention_forward(q, k, v, head_dim**-0.5, autotune=True)
