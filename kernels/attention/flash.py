@@ -89,6 +89,16 @@ def _load_tile(X, batch, head, rows, offs_d, stride_b, stride_h, stride_n, strid
 
 
 @triton.jit
+def _head_dim_lanes(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
+    """Lanes and masks of the two head-dim chunks (the tail's are the head's when BLOCK_T = 0: placeholders)."""
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_t = offs_d
+    if BLOCK_T > 0:
+        offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
+    return offs_d, offs_t, offs_d < HEAD_DIM, offs_t < HEAD_DIM
+
+
+@triton.jit
 def _load_rows(X, DESC, batch, head, row0, rows, offs, lanes0, lane_mask, row_valid, stride_b, stride_h, stride_n,
                stride_d, ALIGNED: tl.constexpr, MASKED: tl.constexpr, USE_TMA: tl.constexpr, BLOCK_ROWS: tl.constexpr,
                BLOCK_LANES: tl.constexpr):  # fmt: skip
@@ -169,8 +179,7 @@ def _attention_fwd_kernel(
     start_m = tl.program_id(0) * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    d_mask = offs_d < HEAD_DIM
+    offs_d, offs_t, d_mask, t_mask = _head_dim_lanes(HEAD_DIM, BLOCK_D, BLOCK_T)
     m_mask = offs_m < seq_len
 
     q = _load_rows(Q, DESCS[0], batch, head, start_m, offs_m, offs_d, 0, d_mask, m_mask, stride_qb,
@@ -181,13 +190,11 @@ def _attention_fwd_kernel(
     if BLOCK_T > 0:
         # The tail chunk (e.g. lanes 64..79 of D = 72 or 80): its own q tile, scores added to the first chunk's,
         # its own accumulator. Two power-of-two chunks do 0.6-0.8x the MMA work of one padded to 128 or 256.
-        offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
-        t_mask = offs_t < HEAD_DIM
         q_t = _load_rows(Q, DESCS[1], batch, head, start_m, offs_m, offs_t, BLOCK_D, t_mask, m_mask, stride_qb,
                          stride_qh, stride_qn, stride_qd, ALIGNED, True, USE_TMA, BLOCK_M, BLOCK_T)  # fmt: skip
         acc_t = tl.zeros([BLOCK_M, BLOCK_T], tl.float32)
     else:
-        offs_t, t_mask, q_t, acc_t = offs_d, d_mask, q, acc  # placeholders the tile step passes through
+        q_t, acc_t = q, acc  # placeholders the tile step passes through
     # Whole key tiles unmasked, then (ragged N only) the last one masked: the loop itself carries no key mask.
     full_tiles_end = seq_len - seq_len % BLOCK_N if RAGGED_KEYS else seq_len
     for start_n in range(0, full_tiles_end, BLOCK_N):
@@ -333,16 +340,6 @@ def _dq_key_tile(
     if BLOCK_T > 0:
         dq_t = tl.dot(ds.to(k_t.dtype), k_t, dq_t)
     return dq, dq_t
-
-
-@triton.jit
-def _head_dim_lanes(HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Lanes and masks of the two head-dim chunks (the tail's are the head's when BLOCK_T = 0: placeholders)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_t = offs_d
-    if BLOCK_T > 0:
-        offs_t = BLOCK_D + tl.arange(0, BLOCK_T)
-    return offs_d, offs_t, offs_d < HEAD_DIM, offs_t < HEAD_DIM
 
 
 @triton.jit
