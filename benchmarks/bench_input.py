@@ -6,11 +6,14 @@
 Every loader makes the same batches: random-resized crops to --size (224) as uint8 tensors, with the same number
 of worker processes (DALI: threads), side by side in one run:
 
-    imagefolder   the baseline: torchvision.datasets.ImageFolder + DataLoader with the transforms v2 recipe of
-                  torchvision's documentation (ToImage, RandomResizedCrop(antialias=True), RandomHorizontalFlip;
-                  uint8 out), pin_memory on CUDA
-    wds           dtengine's ShardStream over the same images as WebDataset shards (PIL decode at reduced scale
-                  where the crop allows, one-pass crop + resize, batches written straight into uint8 tensors)
+    imagefolder   the baseline: torchvision.datasets.ImageFolder + DataLoader, the transforms v2
+                  RandomResizedCrop(antialias=True) + RandomHorizontalFlip on the PIL images ImageFolder yields,
+                  then ToImage (uint8 out); pin_memory on CUDA
+    imagefolder-tensor
+                  the same with ToImage first, as torchvision's performance advice has it (torch's uint8 kernels
+                  crop and resize instead of PIL's): a second, faster baseline (column vs_tensor_recipe)
+    wds           dtengine's ShardStream over the same images as WebDataset shards (libjpeg-turbo decode, at
+                  reduced scale where the crop allows; torch's uint8 resize; batches written straight into tensors)
     dali          dtengine's DALI pipeline over the same shards (GPU decoding on CUDA, a CPU pipeline elsewhere)
     synthetic     random device-resident batches: no input at all, the ceiling
 
@@ -41,7 +44,7 @@ from common import (  # noqa: E402
     save_figure,
 )
 
-LOADERS = ("imagefolder", "wds", "dali", "synthetic")
+LOADERS = ("imagefolder", "imagefolder-tensor", "wds", "dali", "synthetic")
 IMAGE_SIDES = (320, 500)  # each side drawn in this range: real-sized images of mixed aspect ratios
 NOISE = 16.0  # sensor-like noise (std, 0-255): photo-like entropy, ~0.46 JPEG bytes per pixel at quality 90
 
@@ -77,12 +80,15 @@ def sharded(folder: Path, cache: Path) -> str:
     return str(cache / f"shard-{{000000..{len(shards) - 1:06d}}}.tar")
 
 
-def imagefolder_batches(folder: Path, args, device: torch.device):
+def imagefolder_batches(folder: Path, args, device: torch.device, tensor_first: bool = False):
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    # torchvision's documented v2 recipe: to a tensor image first, then crop + resize (antialiased) and flip.
-    transform = v2.Compose([v2.ToImage(), v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip()])
+    crop_and_flip = [v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip()]
+    if tensor_first:  # torchvision's performance advice: a uint8 tensor first, so torch's kernels crop and resize
+        transform = v2.Compose([v2.ToImage(), *crop_and_flip])
+    else:  # the transforms on the PIL image ImageFolder yields (PIL resizes), then the uint8 tensor
+        transform = v2.Compose([*crop_and_flip, v2.ToImage()])
     loader = torch.utils.data.DataLoader(
         datasets.ImageFolder(str(folder), transform=transform), batch_size=args.batch, shuffle=True,
         num_workers=args.workers, pin_memory=device.type == "cuda", drop_last=True,
@@ -164,14 +170,15 @@ def main() -> None:
     runs: dict[str, list[float]] = {loader: [] for loader in loaders}
     for round_index in range(args.rounds):
         for loader in loaders:
-            if loader == "imagefolder":
-                batches = imagefolder_batches(folder, args, device)
+            if loader.startswith("imagefolder"):
+                batches = imagefolder_batches(folder, args, device, tensor_first=loader == "imagefolder-tensor")
             else:
                 batches = dtengine_batches(loader, pattern, args, device)
             runs[loader].append(measure(batches, args, device))
             print(f"round {round_index + 1}: {loader} {runs[loader][-1]:.0f} img/s", flush=True)
             del batches
     baseline = statistics.median(runs["imagefolder"]) if "imagefolder" in runs else None
+    tensor_recipe = statistics.median(runs["imagefolder-tensor"]) if "imagefolder-tensor" in runs else None
     rows = []
     for loader, values in runs.items():
         speed = statistics.median(values)
@@ -180,10 +187,11 @@ def main() -> None:
             "batch": args.batch, "workers": args.workers, "img_per_s": round(speed, 1),
             "rounds": " ".join(f"{v:.1f}" for v in values),
             "vs_baseline": "na" if baseline is None else round(speed / baseline, 2),
+            "vs_tensor_recipe": "na" if tensor_recipe is None else round(speed / tensor_recipe, 2),
         })  # fmt: skip
     csv_path = Path(args.csv) if args.csv else RESULTS / f"bench_input_{device_slug(env['device'])}.csv"
     append_csv(csv_path, rows)
-    columns = ["loader", "img_per_s", "vs_baseline", "rounds", "size", "batch", "workers", "images"]
+    columns = ["loader", "img_per_s", "vs_baseline", "vs_tensor_recipe", "rounds", "size", "batch", "workers", "images"]
     table = markdown_table(rows, columns)
     csv_path.with_suffix(".md").write_text(
         f"# bench_input\n\n{format_environment(env)}\n\nRandom-resized crops to {args.size} px as uint8 batches of "

@@ -131,8 +131,9 @@ def test_bench_input_compares_every_loader_with_imagefolder(tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = list(csv.DictReader(out.open()))
     loaders = [r["loader"] for r in rows]
-    assert loaders[:2] == ["imagefolder", "wds"] and loaders[-1] == "synthetic"
-    assert rows[0]["vs_baseline"] == "1.0" and all(float(r["img_per_s"]) > 0 for r in rows)
+    assert loaders[:3] == ["imagefolder", "imagefolder-tensor", "wds"] and loaders[-1] == "synthetic"
+    assert rows[0]["vs_baseline"] == "1.0" and rows[1]["vs_tensor_recipe"] == "1.0"
+    assert all(float(r["img_per_s"]) > 0 for r in rows)
     summary = [line for line in proc.stdout.splitlines() if line.startswith("loader=")]
     assert [line.split()[0] for line in summary if "vs_baseline=" in line] == [f"loader={name}" for name in loaders]
     assert out.with_suffix(".png").stat().st_size > 0
