@@ -3,8 +3,9 @@
     python benchmarks/bench_input.py                    # 2,000 generated JPEGs of 320-500 px (made once, cached)
     python benchmarks/bench_input.py --images DIR       # your folder of JPEGs instead (sharded once, cached)
 
-Every loader makes the same batches: random-resized crops to --size (224) as uint8 tensors, with the same number
-of worker processes (DALI: threads), side by side in one run:
+Every loader makes the same batches: random-resized crops to --size (224) as uint8 tensors (or with --crop center
+the paper's centre crops: the shorter side resized to --size, bicubic, then cropped), with the same number of
+worker processes (DALI: threads), side by side in one run:
 
     imagefolder   the baseline: torchvision.datasets.ImageFolder + DataLoader, the transforms v2
                   RandomResizedCrop(antialias=True) + RandomHorizontalFlip on the PIL images ImageFolder yields,
@@ -19,7 +20,8 @@ of worker processes (DALI: threads), side by side in one run:
 
 img/s per loader is the median of --rounds rounds (the loaders take turns within a round); each round opens a
 fresh loader, takes --warmup batches, then times --batches. Writes benchmarks/results/bench_input_<device>.
-{csv,md,png} and ends with one line per loader: loader=<name> img_per_s=<x> vs_baseline=<ratio>
+{csv,md,png} (bench_input_center_<device>.* with --crop center) and ends with one line per loader:
+    loader=<name> img_per_s=<x> vs_baseline=<ratio>
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ from common import (  # noqa: E402
 
 LOADERS = ("imagefolder", "imagefolder-tensor", "wds", "dali", "synthetic")
 IMAGE_SIDES = (320, 500)  # each side drawn in this range: real-sized images of mixed aspect ratios
+CROP_WORDS = {"random_resized": "Random-resized crops", "center": "Centre crops"}
 NOISE = 16.0  # sensor-like noise (std, 0-255): photo-like entropy, ~0.46 JPEG bytes per pixel at quality 90
 
 
@@ -84,7 +87,11 @@ def imagefolder_batches(folder: Path, args, device: torch.device, tensor_first: 
     from torchvision import datasets
     from torchvision.transforms import v2
 
-    crop_and_flip = [v2.RandomResizedCrop(args.size, antialias=True), v2.RandomHorizontalFlip()]
+    if args.crop == "center":
+        crop = [v2.Resize(args.size, v2.InterpolationMode.BICUBIC, antialias=True), v2.CenterCrop(args.size)]
+    else:
+        crop = [v2.RandomResizedCrop(args.size, antialias=True)]
+    crop_and_flip = [*crop, v2.RandomHorizontalFlip()]
     if tensor_first:  # torchvision's performance advice: a uint8 tensor first, so torch's kernels crop and resize
         transform = v2.Compose([v2.ToImage(), *crop_and_flip])
     else:  # the transforms on the PIL image ImageFolder yields (PIL resizes), then the uint8 tensor
@@ -101,7 +108,7 @@ def dtengine_batches(name: str, pattern: str, args, device: torch.device):
     from dtengine.data.loaders import open_batches
 
     cfg = DataConfig(
-        shards=pattern, loader=name, image_size=args.size, crop="random_resized", batch_size=args.batch,
+        shards=pattern, loader=name, image_size=args.size, crop=args.crop, batch_size=args.batch,
         num_workers=args.workers, shuffle_buffer=256,
     )  # fmt: skip
     batches, _ = open_batches(cfg, seed=0, device=device)
@@ -143,6 +150,7 @@ def main() -> None:
     parser.add_argument("--count", type=int, default=2000, help="generated images")
     parser.add_argument("--loaders", default=",".join(LOADERS))
     parser.add_argument("--size", type=int, default=224)
+    parser.add_argument("--crop", choices=list(CROP_WORDS), default="random_resized")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2, help="worker processes (DALI: threads) of every loader")
     parser.add_argument("--batches", type=int, default=20, help="timed batches per round")
@@ -186,17 +194,19 @@ def main() -> None:
         speed = statistics.median(values)
         rows.append({
             **env, "loader": loader, "images": str(args.images or f"generated {args.count}"), "size": args.size,
-            "batch": args.batch, "workers": args.workers, "img_per_s": round(speed, 1),
+            "crop": args.crop, "batch": args.batch, "workers": args.workers, "img_per_s": round(speed, 1),
             "rounds": " ".join(f"{v:.1f}" for v in values),
             "vs_baseline": "na" if baseline is None else round(speed / baseline, 2),
             "vs_tensor_recipe": "na" if tensor_recipe is None else round(speed / tensor_recipe, 2),
         })  # fmt: skip
-    csv_path = Path(args.csv) if args.csv else RESULTS / f"bench_input_{device_slug(env['device'])}.csv"
+    crop = "" if args.crop == "random_resized" else f"_{args.crop}"
+    csv_path = Path(args.csv) if args.csv else RESULTS / f"bench_input{crop}_{device_slug(env['device'])}.csv"
     append_csv(csv_path, rows)
-    columns = ["loader", "img_per_s", "vs_baseline", "vs_tensor_recipe", "rounds", "size", "batch", "workers", "images"]
+    columns = ["loader", "img_per_s", "vs_baseline", "vs_tensor_recipe", "rounds", "size", "crop", "batch"]
+    columns += ["workers", "images"]
     table = markdown_table(rows, columns)
     csv_path.with_suffix(".md").write_text(
-        f"# bench_input\n\n{format_environment(env)}\n\nRandom-resized crops to {args.size} px as uint8 batches of "
+        f"# bench_input\n\n{format_environment(env)}\n\n{CROP_WORDS[args.crop]} to {args.size} px as uint8 batches of "
         f"{args.batch}, {args.workers} workers each; img/s = median of {args.rounds} rounds of {args.batches} "
         f"batches after {args.warmup} warm-up batches.\n\n{table}\n"
     )

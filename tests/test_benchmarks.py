@@ -119,11 +119,12 @@ def test_the_naive_loops_hooks_read_what_the_teacher_reads(kind, tiny_teacher_di
 BENCH_INPUT = BENCH.parent / "bench_input.py"
 
 
-def test_bench_input_compares_every_loader_with_imagefolder(tmp_path):
+@pytest.mark.parametrize("crop", ["random_resized", "center"])
+def test_bench_input_compares_every_loader_with_imagefolder(tmp_path, crop):
     out = tmp_path / "input.csv"
     quick = ["--count", "24", "--batch", "4", "--size", "64", "--workers", "1", "--batches", "2", "--warmup", "1"]
     proc = subprocess.run(
-        [sys.executable, str(BENCH_INPUT), *quick, "--rounds", "1", "--csv", str(out)],
+        [sys.executable, str(BENCH_INPUT), *quick, "--crop", crop, "--rounds", "1", "--csv", str(out)],
         capture_output=True,
         text=True,
         timeout=300,
@@ -133,7 +134,7 @@ def test_bench_input_compares_every_loader_with_imagefolder(tmp_path):
     loaders = [r["loader"] for r in rows]
     assert loaders[:3] == ["imagefolder", "imagefolder-tensor", "wds"] and loaders[-1] == "synthetic"
     assert rows[0]["vs_baseline"] == "1.0" and rows[1]["vs_tensor_recipe"] == "1.0"
-    assert all(float(r["img_per_s"]) > 0 for r in rows)
+    assert all(float(r["img_per_s"]) > 0 and r["crop"] == crop for r in rows)
     summary = [line for line in proc.stdout.splitlines() if line.startswith("loader=")]
     assert [line.split()[0] for line in summary if "vs_baseline=" in line] == [f"loader={name}" for name in loaders]
     assert out.with_suffix(".png").stat().st_size > 0

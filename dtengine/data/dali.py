@@ -4,10 +4,10 @@
             DALI splits ranks by sample ranges, not by files), shuffled in a seeded buffer
     decode  on the GPU (`device="mixed"`) on CUDA; a CPU pipeline (`device_id=None`) elsewhere
     crop    centre crop (resize the shorter side, bicubic, then crop) or random-resized (a random window, decoded
-            alone, resized bilinearly with antialiasing), as `data.crop` says; label maps get the same window,
-            nearest-neighbour. On the CPU the random window leaves DALI as decoded and torch's vectorised uint8
-            kernel resizes it (the wds loader's resize): DALI's CPU resize costs more than its decode, torch's a
-            quarter of DALI's
+            alone, resized bilinearly with antialiasing), as `data.crop` says; label maps get the same geometry,
+            nearest-neighbour. On the CPU the image (or window) leaves DALI as decoded and torch's vectorised
+            uint8 kernels resize it: DALI's CPU resize costs more than its decode, torch's a quarter of DALI's.
+            The geometry is the wds loader's (decode.py), so CPU and GPU batches match
     output  uint8 torch tensors (B, 3, S, S) over NHWC memory (channels_last), as DALI's decoders write them: what
             the student reads on CUDA; on the CPU the step's conversion to float writes NCHW in the same pass, so
             no transpose is spent in DALI's threads (one was 13% of the CPU pipeline's time);
@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 
-from dtengine.data.decode import CorruptSample, load_sample, resize_window
+from dtengine.data.decode import CorruptSample, center_crop, center_label_map, load_sample, resize_window
 from dtengine.data.pipeline import read_shards
 from dtengine.data.shard_stream import DataConfig, resolve_shards
 from dtengine.data.shards import ensure_index
@@ -71,7 +72,9 @@ def _rank_sizes(total: int, world: int, batch: int) -> _Sizes:
 
 
 def _pipeline(cfg: DataConfig, shards: list[str], seed: int, rank: int, world: int, device: torch.device,
-              labels: bool, checkpoint: bytes | None, resize_windows: bool = True):  # fmt: skip
+              labels: bool, checkpoint: bytes | None, resize: bool = True):  # fmt: skip
+    """The built DALI pipeline; with `resize` off, images leave it as decoded (the random window alone) and
+    centre-cropped label maps uncropped, for `_cpu_crops`."""
     from nvidia.dali import fn, pipeline_def, types
 
     cuda = device.type == "cuda"
@@ -96,19 +99,20 @@ def _pipeline(cfg: DataConfig, shards: list[str], seed: int, rank: int, world: i
             image = fn.decoders.image_slice(
                 encoded, anchor, shape, axes=[0, 1], device=decoder, output_type=types.RGB
             )  # only the window is decoded
-            if resize_windows:
+            if resize:
                 image = fn.resize(image, size=[size, size], interp_type=types.INTERP_LINEAR, antialias=True)
         else:
             image = fn.decoders.image(encoded, device=decoder, output_type=types.RGB)
-            image = fn.resize(image, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
-            image = fn.crop(image, crop=(size, size))
+            if resize:
+                image = fn.resize(image, resize_shorter=size, interp_type=types.INTERP_CUBIC, antialias=True)
+                image = fn.crop(image, crop=(size, size))
         if not labels:
             return image
         seg = fn.decoders.image(outputs[1], device="cpu", output_type=types.GRAY)
         if cfg.crop == "random_resized":
             seg = fn.slice(seg, anchor, shape, axes=[0, 1])
             seg = fn.resize(seg, size=[size, size], interp_type=types.INTERP_NN, antialias=False)
-        else:
+        elif resize:
             seg = fn.resize(seg, resize_shorter=size, interp_type=types.INTERP_NN, antialias=False)
             seg = fn.crop(seg, crop=(size, size))
         return image, seg, outputs[2]
@@ -127,19 +131,29 @@ def _shards_have_labels(shards: list[str]) -> bool:
     return "seg.png" in first[0::4] and "cls" in first[0::4]
 
 
-def _resized_batch(windows, size: int) -> torch.Tensor:
-    """A batch of decoded crop windows (HWC, each its own size, viewed in DALI's buffers) resized into a batch of
-    its own: (B, 3, S, S) uint8 over NHWC memory, the layout DALI's own resize writes. One intra-op thread: DALI's
-    threads decode the next batches on the other cores meanwhile (with two, bench_input ran 1.6x slower)."""
-    batch = torch.empty(len(windows), size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+def _cpu_crops(images, size: int, crop: str) -> torch.Tensor:
+    """A batch of decoded images or random windows (HWC, each its own size, viewed in DALI's buffers) cropped and
+    resized into a batch of its own: (B, 3, S, S) uint8 over NHWC memory, the layout DALI's own resize writes. One
+    intra-op thread: DALI's threads decode the next batches on the other cores meanwhile (with two, bench_input
+    ran 1.6x slower)."""
+    batch = torch.empty(len(images), size, size, 3, dtype=torch.uint8).permute(0, 3, 1, 2)
+    crop_one = resize_window if crop == "random_resized" else center_crop
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for i in range(len(windows)):
-            batch[i] = resize_window(torch.from_numpy(np.asarray(windows[i])), size)
+        for i in range(len(images)):
+            batch[i] = crop_one(torch.from_numpy(np.asarray(images[i])), size)
     finally:
         torch.set_num_threads(threads)
     return batch
+
+
+def _cpu_center_label_maps(maps, images, size: int) -> np.ndarray:
+    """Decoded label maps (H, W, 1) centre-cropped as their images are by `_cpu_crops`: (B, S, S)."""
+    return np.stack([
+        center_label_map(Image.fromarray(np.asarray(maps[i])[..., 0]), images[i].shape()[1], images[i].shape()[0], size)
+        for i in range(len(maps))
+    ])  # fmt: skip
 
 
 _DALI_NOISE = ("Critical error in pipeline:", "Current pipeline object is no longer valid.", "encountered:")
@@ -187,8 +201,8 @@ class DaliBatches:
         state = state or {}
         self.epoch, self.batch_in_epoch = int(state.get("epoch", 0)), int(state.get("batch_in_epoch", 0))
         checkpoint = bytes(state["pipeline"].tolist()) if "pipeline" in state else None
-        # Random windows are resized in DALI on the GPU, by torch on the CPU (see the module docstring).
-        self.resize_here = self.device.type != "cuda" and cfg.crop == "random_resized"
+        # Images are resized in DALI on the GPU, by torch on the CPU (see the module docstring).
+        self.resize_here = self.device.type != "cuda"
         self.pipeline = _pipeline(
             cfg, self.shards, seed, rank, world_size, self.device, self.labels, checkpoint, not self.resize_here
         )  # fmt: skip
@@ -241,12 +255,16 @@ class DaliBatches:
         outputs = self._run()
         self.batch_in_epoch += 1
         if self.resize_here:
-            images = _resized_batch(outputs[0], self.cfg.image_size)
+            images = _cpu_crops(outputs[0], self.cfg.image_size, self.cfg.crop)
         else:
             images = self._to_torch(outputs[0]).permute(0, 3, 1, 2)  # (B, 3, S, S) over NHWC memory: channels_last
         batch = {"image": images, "skipped_corrupt": 0}
         if self.labels:
-            batch["seg"] = torch.from_numpy(outputs[1].as_array()[..., 0].astype(np.int64))
+            if self.resize_here and self.cfg.crop == "center":
+                seg = _cpu_center_label_maps(outputs[1], outputs[0], self.cfg.image_size)
+            else:
+                seg = outputs[1].as_array()[..., 0]
+            batch["seg"] = torch.from_numpy(seg.astype(np.int64))
             cls = [bytes(outputs[2].at(i)).decode("ascii").strip() for i in range(len(outputs[2]))]
             batch["cls"] = torch.tensor([int(c) for c in cls], dtype=torch.int64)
         return batch
