@@ -2,7 +2,8 @@
 
 A `Crop` says how an image becomes a square of `size`:
 
-    center          resize so the shorter side is `size` (bicubic), then crop the centre (the paper's recipe)
+    center          resize so the shorter side is `size` (bicubic, antialiased), then crop the centre (the paper's
+                    recipe)
     random_resized  a random box of `scale` x the area and aspect ratio in `ratio` (torchvision's
                     RandomResizedCrop algorithm), resized to `size` (bilinear) in one pass
 
@@ -343,10 +344,14 @@ def center_label_map(seg: Image.Image, width: int, height: int, size: int) -> np
     return np.asarray(seg.resize(resized, Image.NEAREST).crop(box))
 
 
-def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
+def center_crop(image: torch.Tensor, size: int, full_size: tuple[int, int] | None = None) -> torch.Tensor:
     """A (h, w, 3) uint8 image's centre crop, (3, size, size) uint8 over HWC memory: bicubic and antialiased, with
-    torch's vectorised uint8 kernel (the cubic of PIL's and DALI's resizes, a = -0.5)."""
-    (width, height), (left, top, right, bottom) = center_geometry(image.shape[1], image.shape[0], size)
+    torch's vectorised uint8 kernel (the cubic of PIL's and DALI's resizes, a = -0.5; 3x faster than PIL's).
+
+    `full_size` (w, h): the image's size before a reduced-scale decode, whose geometry the crop follows, so that
+    it cuts exactly the region a full-size decode would.
+    """
+    (width, height), (left, top, right, bottom) = center_geometry(*(full_size or image.shape[1::-1]), size)
     chw = image.permute(2, 0, 1)[None]
     resized = F.interpolate(chw, size=(height, width), mode="bicubic", antialias=True, align_corners=False)
     return resized[0, :, top:bottom, left:right]
@@ -394,10 +399,7 @@ def decode_sample(sample: dict, crop: Crop, rng: random.Random | None = None) ->
             out["seg"] = np.asarray(loaded.seg.resize((size, size), Image.NEAREST, box=box))
     else:
         loaded = load_sample(sample, size)
-        # The geometry follows the full-size image, so a reduced-scale decode crops exactly the same region.
-        resized, box = center_geometry(*loaded.full_size, size)
-        picture = Image.fromarray(loaded.image).resize(resized, Image.BICUBIC).crop(box)
-        out = {"image": torch.from_numpy(np.array(picture)).permute(2, 0, 1)}
+        out = {"image": center_crop(torch.from_numpy(loaded.image), size, loaded.full_size)}
         if loaded.seg is not None:
             out["seg"] = center_label_map(loaded.seg, *loaded.full_size, size)
     if loaded.cls is not None:
