@@ -8,8 +8,9 @@ the paper's centre crops: the shorter side resized to --size, bicubic, then crop
 worker processes (DALI: threads), side by side in one run:
 
     imagefolder   the baseline: torchvision.datasets.ImageFolder + DataLoader, the transforms v2
-                  RandomResizedCrop(antialias=True) + RandomHorizontalFlip on the PIL images ImageFolder yields,
-                  then ToImage (uint8 out); pin_memory on CUDA
+                  RandomResizedCrop(antialias=True) (--crop center: Resize(bicubic, antialias=True) + CenterCrop)
+                  + RandomHorizontalFlip on the PIL images ImageFolder yields, then ToImage (uint8 out);
+                  pin_memory on CUDA
     imagefolder-tensor
                   the same with ToImage first, as torchvision's performance advice has it (torch's uint8 kernels
                   crop and resize instead of PIL's): a second, faster baseline (column vs_tensor_recipe)
