@@ -151,10 +151,11 @@ def _cpu_crops(images, size: int, crop: str) -> torch.Tensor:
 
 def _cpu_center_label_maps(maps, images, size: int) -> np.ndarray:
     """Decoded label maps (H, W, 1) centre-cropped as their images are by `_cpu_crops`: (B, S, S)."""
-    return np.stack([
-        center_label_map(Image.fromarray(np.asarray(maps[i])[..., 0]), images[i].shape()[1], images[i].shape()[0], size)
-        for i in range(len(maps))
-    ])  # fmt: skip
+    cropped = []
+    for i in range(len(maps)):
+        height, width = images[i].shape()[:2]
+        cropped.append(center_label_map(Image.fromarray(np.asarray(maps[i])[..., 0]), width, height, size))
+    return np.stack(cropped)
 
 
 _DALI_NOISE = ("Critical error in pipeline:", "Current pipeline object is no longer valid.", "encountered:")
