@@ -8,7 +8,10 @@ Pieces, in order (each one a subprocess; a failing or timed-out piece is recorde
     pytest-gpu          pytest -m gpu -q, tee'd to pytest_gpu_<device>.log (skipped without CUDA)
     bench_feature_loss  bench_feature_loss_<device>.{csv,md,png}
     bench_attention     bench_attention_<device>.{csv,md,png}
-    bench_step          bench_step_<device>.{csv,md,png}: naive / eager / compiled; on CUDA the paper configs
+    bench_step          bench_step_<device>.{csv,md,png}: naive / eager / compiled / synthetic (the input stall);
+                        on CUDA the paper configs
+    bench_input         bench_input_<device>.{csv,md,png}: every loader against ImageFolder, random-resized crops
+    bench_input_center  bench_input_center_<device>.{csv,md,png}: the same with centre crops
 
 Without CUDA the benchmarks run their --quick variants (a CPU check of the wiring, not a measurement) and the
 GPU tests are reported as skipped. Every output name carries the device (e.g. nvidia-h100-80gb-hbm3), every CSV
@@ -46,6 +49,12 @@ BENCHMARKS = ROOT / "benchmarks"
 STEP_CUDA = ["--configs", "paper-r50,paper-convnext-b", "--window-steps", "10", "--split-steps", "5"]
 STEP_CPU = ["--configs", "demo", "--warmup", "1", "--windows", "1", "--window-steps", "1", "--split-steps", "1"]
 STEP_CPU += ["data.batch_size=4", "data.num_workers=0", "compile.backend=aot_eager"]
+# bench_input on CUDA: 2,000 generated JPEGs, 8 decoding workers (DALI: threads) per loader. Without CUDA: a few
+# tiny images and batches (a check of the wiring, not a measurement).
+INPUT_CUDA = ["--workers", "8"]
+INPUT_CPU = ["--count", "24", "--batch", "4", "--size", "64", "--workers", "1", "--batches", "2", "--warmup", "1"]
+INPUT_CPU += ["--rounds", "1"]
+INPUT_MODULES = ("torch", "torchvision", "webdataset", "braceexpand", "simplejpeg", "matplotlib")
 STATUS_WIDTH = 18
 
 
@@ -92,6 +101,19 @@ def _with_report(path: Path, plot: bool = True) -> list[Path]:
     return [path, path.with_suffix(".md")] + ([path.with_suffix(".png")] if plot else [])
 
 
+def _input_piece(name: str, crop: str) -> Piece:
+    """bench_input with one kind of crop, writing <name>_<device>.{csv,md,png}."""
+    return Piece(
+        name,
+        lambda c: _bench(
+            c, "bench_input.py", "--crop", crop, "--csv", str(_csv(c, name)), *(INPUT_CUDA if c.cuda else INPUT_CPU)
+        ),
+        lambda c: _with_report(_csv(c, name)),
+        modules=INPUT_MODULES,
+        timeout_s=300,
+    )
+
+
 PIECES = [
     Piece(
         "pytest-gpu",
@@ -136,9 +158,11 @@ PIECES = [
         "bench_step",
         lambda c: _bench(c, "bench_step.py", "--csv", str(_csv(c, "bench_step")), *(STEP_CUDA if c.cuda else STEP_CPU)),
         lambda c: _with_report(_csv(c, "bench_step")),
-        modules=("torch", "torchvision", "timm", "diffusers", "webdataset", "braceexpand", "omegaconf", "yaml"),
+        modules=("torch", "timm", "diffusers", "omegaconf", "yaml", *INPUT_MODULES),
         timeout_s=600,
     ),
+    _input_piece("bench_input", "random_resized"),
+    _input_piece("bench_input_center", "center"),
 ]
 
 
