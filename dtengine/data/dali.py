@@ -74,8 +74,8 @@ def _rank_sizes(total: int, world: int, batch: int) -> _Sizes:
 
 def _pipeline(cfg: DataConfig, shards: list[str], seed: int, rank: int, world: int, device: torch.device,
               labels: bool, checkpoint: bytes | None, resize: bool = True):  # fmt: skip
-    """The built DALI pipeline; with `resize` off, images leave it as decoded (the random window alone) and
-    centre-cropped label maps uncropped, for `_cpu_crops`."""
+    """The built DALI pipeline. With `resize` off, images leave it as decoded (a random crop's window alone) and
+    the label maps of centre crops whole, for `_cpu_crops` and `_cpu_center_label_maps` to finish."""
     from nvidia.dali import fn, pipeline_def, types
 
     cuda = device.type == "cuda"
