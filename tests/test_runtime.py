@@ -123,6 +123,16 @@ def test_device_and_precision_resolution():
         resolve_device("tpu", "train.device")
 
 
+def test_cuda_precision_query_traces_into_one_graph():
+    # The student pass asks for its precision inside a fullgraph compile; on CUDA that asks the hardware for bf16
+    # support, which dynamo cannot trace as a plain torch query (it broke every compiled CUDA step once).
+    def to_compute_dtype(x):
+        return x.to(resolve_precision("auto", "cuda"))
+
+    expected = torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
+    assert torch.compile(to_compute_dtype, fullgraph=True, backend="eager")(torch.ones(2)).dtype == expected
+
+
 def test_config_from_dict_names_the_bad_key():
     assert config_from_dict({"timestep": 7}, schema=TeacherConfig).timestep == 7
     with pytest.raises(ConfigError, match="the run's teacher config is invalid: unknown config key 'timestpe'"):

@@ -41,13 +41,20 @@ def resolve_device(name: str, key: str = "device") -> torch.device:
         raise ConfigError(f"{key} '{name}' is not a torch device (use auto, cpu or cuda[:N])") from err
 
 
+@torch.compiler.assume_constant_result
+def _cuda_supports_bf16() -> bool:
+    # Called inside compiled passes (the student's step asks per call): dynamo cannot trace a torch query that
+    # returns a bool, and the hardware does not change while a graph lives, so it is a constant to the compiler.
+    return torch.cuda.is_bf16_supported()
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> torch.dtype:
     """The compute dtype for `precision` on `device`: bf16 or fp32 ("auto": bf16 only on CUDA that supports it)."""
     if precision not in PRECISIONS:
         raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "bf16":
         return torch.bfloat16
-    if precision == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+    if precision == "auto" and torch.device(device).type == "cuda" and _cuda_supports_bf16():
         return torch.bfloat16
     return torch.float32
 
