@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from dtengine.ops import attention, attention_reference
-from dtengine.ops.attention import resolve_backend
+from dtengine.ops.attention import ATTENTION_BACKENDS
+from dtengine.ops.backends import resolve_backend
 
 pytestmark = pytest.mark.gpu
 HEAD_DIMS = (32, 40, 64, 72, 80, 128, 160)
@@ -42,10 +43,13 @@ def test_triton_error_within_twice_torch_error(dtype, head_dim, seq_len):
 
 
 def test_auto_picks_triton_on_cuda_for_supported_calls():
+    def auto(q):
+        return resolve_backend(ATTENTION_BACKENDS, "auto", "", q)
+
     q = torch.randn(1, 2, 64, 64, device="cuda", dtype=torch.bfloat16)
-    assert resolve_backend("auto", q) == "triton"
-    assert resolve_backend("auto", q.float()) == "sdpa"
-    assert resolve_backend("auto", torch.randn(1, 1, 64, 256, device="cuda", dtype=torch.bfloat16)) == "sdpa"
+    assert auto(q) == "triton"
+    assert auto(q.float()) == "sdpa"
+    assert auto(torch.randn(1, 1, 64, 256, device="cuda", dtype=torch.bfloat16)) == "sdpa"
 
 
 def test_long_sequence_forward():
