@@ -28,7 +28,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from dtengine.ops import attention, attention_reference  # noqa: E402
 from dtengine.ops.attention import ATTENTION_BACKENDS  # noqa: E402
 
-from common import DTYPES, RESULTS, default_device, environment, format_environment, save_results, time_ms  # noqa: E402
+from common import (  # noqa: E402
+    DTYPES,
+    RESULTS,
+    default_device,
+    environment,
+    format_environment,
+    past_deadline,
+    save_results,
+    time_ms,
+)
 
 # name -> (B, H, N, D)
 TEACHER_SHAPES = {
@@ -108,7 +117,9 @@ def run(args) -> tuple[dict, list[dict]]:
     print(format_environment(env), flush=True)
     rows = []
     available = providers(device)
-    for case, shape in cases(args.quick):
+    for index, (case, shape) in enumerate(cases(args.quick)):
+        if index and past_deadline(f"case {case}"):  # one case at least
+            break
         batch, heads, n, d = shape
         flops = {"fwd": 4 * batch * heads * n * n * d, "bwd": 2.5 * 4 * batch * heads * n * n * d}
         for name, fn in available.items():

@@ -44,6 +44,7 @@ from common import (  # noqa: E402
     environment,
     format_environment,
     markdown_table,
+    past_deadline,
     save_figure,
 )
 
@@ -180,6 +181,8 @@ def main() -> None:
         loaders.remove("dali")
     runs: dict[str, list[float]] = {loader: [] for loader in loaders}
     for round_index in range(args.rounds):
+        if round_index and past_deadline(f"round {round_index + 1}"):  # one whole round at least
+            break
         for loader in loaders:
             if loader.startswith("imagefolder"):
                 batches = imagefolder_batches(folder, args, device, tensor_first=loader == "imagefolder-tensor")
@@ -208,7 +211,7 @@ def main() -> None:
     table = markdown_table(rows, columns)
     csv_path.with_suffix(".md").write_text(
         f"# bench_input\n\n{format_environment(env)}\n\n{CROP_WORDS[args.crop]} to {args.size} px as uint8 batches of "
-        f"{args.batch}, {args.workers} workers each; img/s = median of {args.rounds} rounds of {args.batches} "
+        f"{args.batch}, {args.workers} workers each; img/s = median of {len(values)} rounds of {args.batches} "
         f"batches after {args.warmup} warm-up batches.\n\n{table}\n"
     )
     plot(rows, csv_path.with_suffix(".png"), f"bench_input on {env['device']} ({env['commit']}, {env['date'][:10]})")

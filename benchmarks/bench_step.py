@@ -35,6 +35,7 @@ import argparse
 import csv
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -46,6 +47,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
+    DEADLINE_ENV,
     RESULTS,
     Timer,
     append_csv,
@@ -53,7 +55,9 @@ from common import (  # noqa: E402
     environment,
     format_environment,
     markdown_table,
+    past_deadline,
     save_figure,
+    seconds_to_deadline,
     synchronize,
 )
 
@@ -261,12 +265,27 @@ def run_worker(config: str, mode: str, args, world_size: int = 1) -> dict | str:
             env.setdefault("OMP_NUM_THREADS", "1")
         if world_size > 1:
             command = ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}", *command]
-        proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=args.timeout_s,
-                              env=env)  # fmt: skip
+        # Never past the suite's deadline either, so the modes already measured are still written.
+        timeout_s = min(args.timeout_s, max(1, seconds_to_deadline()))
+        try:
+            proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout_s,
+                                  env=env)  # fmt: skip
+        except subprocess.TimeoutExpired:
+            limit = "--timeout-s" if timeout_s == args.timeout_s else DEADLINE_ENV
+            return f"timed out after {timeout_s:.0f} s ({limit})"
         if proc.returncode != 0:
-            lines = (proc.stderr.strip() or proc.stdout.strip() or f"exit code {proc.returncode}").splitlines()
-            return lines[-1][:200]
+            output = proc.stderr.strip() or proc.stdout.strip()
+            print(f"--- config={config} mode={mode}, the end of its output:", *output.splitlines()[-30:], sep="\n")
+            return failure_reason(output, proc.returncode)
         return json.loads(Path(out.name).read_text())
+
+
+def failure_reason(output: str, returncode: int) -> str:
+    """The exception line of a failed worker's output (the last line is often advice, e.g. dynamo's "Set
+    TORCHDYNAMO_VERBOSE=1 ..."), else its last line, else its exit code."""
+    lines = output.splitlines()
+    raised = [line for line in lines if re.match(r"[A-Za-z_][\w.]*(Error|Exception|Unsupported|Exit)\b[^ ]*: ", line)]
+    return (raised or lines or [f"exit code {returncode}"])[-1].strip()[:200]
 
 
 def worker_flags(args) -> list[str]:
@@ -408,6 +427,8 @@ def main() -> None:
             print(f"config={config}: skipped (needs a CUDA device)", flush=True)
             continue
         for mode in modes:
+            if results and past_deadline(f"config={config} mode={mode}"):  # one result at least
+                break
             outcome = run_worker(config, mode, args)
             if isinstance(outcome, str):
                 print(f"config={config} mode={mode}: failed ({outcome})", flush=True)

@@ -17,10 +17,27 @@ import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+# A Unix time by which a benchmark stops starting new cases and writes what it has measured. The GPU suite sets it
+# for each piece ahead of the piece's hard limit, so a piece that runs long keeps its results instead of being killed.
+DEADLINE_ENV = "DTENGINE_BENCH_DEADLINE"
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seconds_to_deadline() -> float:
+    """Seconds until $DTENGINE_BENCH_DEADLINE (negative once past), or infinity where it is not set."""
+    deadline = os.environ.get(DEADLINE_ENV)
+    return float("inf") if deadline is None else float(deadline) - time.time()
+
+
+def past_deadline(next_case: str) -> bool:
+    """True (and says so) once $DTENGINE_BENCH_DEADLINE has passed: the caller stops before `next_case`."""
+    if seconds_to_deadline() > 0:
+        return False
+    print(f"time limit ({DEADLINE_ENV}) reached: stopped before {next_case}; writing what was measured", flush=True)
+    return True
 
 
 def environment() -> dict[str, str]:

@@ -13,6 +13,11 @@ Pieces, in order (each one a subprocess; a failing or timed-out piece is recorde
     bench_input         bench_input_<device>.{csv,md,png}: every loader against ImageFolder, random-resized crops
     bench_input_center  bench_input_center_<device>.{csv,md,png}: the same with centre crops
 
+Each piece's limit is its own (300 s; bench_step 600 s) or what is left of --budget-s, whichever is smaller. A
+benchmark stops starting new cases a minute (at most a quarter of its limit) before it ($DTENGINE_BENCH_DEADLINE)
+and writes what it measured; its status then says "cut short". A run that cannot hold every piece (a short lease)
+is split with --pieces into calls of a few pieces each.
+
 Without CUDA the benchmarks run their --quick variants (a CPU check of the wiring, not a measurement) and the
 GPU tests are reported as skipped. Every output name carries the device (e.g. nvidia-h100-80gb-hbm3), every CSV
 row the device, commit and date. The summary (gpu_suite_<device>.md, also printed) says which pieces passed.
@@ -56,6 +61,8 @@ INPUT_CPU = ["--count", "24", "--batch", "4", "--size", "64", "--workers", "1", 
 INPUT_CPU += ["--rounds", "1"]
 INPUT_MODULES = ("torch", "torchvision", "webdataset", "braceexpand", "simplejpeg", "matplotlib")
 STATUS_WIDTH = 18
+DEADLINE_ENV = "DTENGINE_BENCH_DEADLINE"  # read by benchmarks/common.py (this file imports the standard library only)
+SAVE_MARGIN_S = 60  # a piece's deadline comes this long (at most a quarter of its limit) before its hard limit
 
 
 @dataclass
@@ -178,9 +185,14 @@ def importable_environment(python: str, wheels: Path | None, scratch: Path) -> d
     if wheels is not None and any(wheels.glob("*.whl")):
         site = scratch / "site"
         install = [python, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir"]
-        subprocess.run([*install, "--target", str(site), *map(str, sorted(wheels.glob("*.whl")))], check=True)
-        paths.append(str(site))
-        print(f"installed {len(list(wheels.glob('*.whl')))} wheels from {wheels} into {site}")
+        found = sorted(wheels.glob("*.whl"))
+        pip = subprocess.run([*install, "--target", str(site), *map(str, found)], capture_output=True, text=True)
+        if pip.returncode == 0:
+            paths.append(str(site))
+            print(f"installed {len(found)} wheels from {wheels} into {site}")
+        else:  # e.g. wheels fetched for another Python version: the pieces that need them are skipped by name
+            reason = (pip.stderr.strip() or pip.stdout.strip() or f"exit code {pip.returncode}").splitlines()[-1]
+            print(f"could not install the wheels in {wheels} ({reason}); going on without them")
     if subprocess.run([python, "-c", "import dtkernels, dtengine"], capture_output=True, env=env).returncode:
         # Not installed: the repository holds dtengine, and kernels/ is the dtkernels package (see setup.py).
         (scratch / "link").mkdir()
@@ -215,16 +227,22 @@ def run_piece(piece: Piece, ctx: Context, env: dict[str, str], timeout_s: float)
     command = piece.command(ctx)
     print(f"\n=== {piece.name}: {' '.join(command)}", flush=True)
     log = open(ctx.out_dir / piece.log_name.format(device=ctx.device), "w") if piece.log_name else None  # noqa: SIM115
+    # The benchmarks stop starting new cases at the deadline and write what they measured; the hard limit after it
+    # leaves them time to do so.
+    env = {**env, DEADLINE_ENV: f"{time.time() + timeout_s - min(SAVE_MARGIN_S, timeout_s / 4):.0f}"}
     # Its own process group, so a timeout also ends the workers it started (compile workers, pytest subprocesses).
     proc = subprocess.Popen(
         command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
     )
+    cut_short = threading.Event()
 
     def copy_output() -> None:
         for line in proc.stdout:
             sys.stdout.write(line)
             if log:
                 log.write(line)
+            if f"time limit ({DEADLINE_ENV}) reached" in line:
+                cut_short.set()
 
     pump = threading.Thread(target=copy_output, daemon=True)
     pump.start()
@@ -239,7 +257,7 @@ def run_piece(piece: Piece, ctx: Context, env: dict[str, str], timeout_s: float)
     sys.stdout.flush()
     if log:
         log.close()
-    return status
+    return status + (", cut short by the time limit" if cut_short.is_set() else "")
 
 
 def write_summary(outcomes: list[Outcome], ctx: Context, device_name: str, archive: Path | None) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -28,3 +29,19 @@ def test_bench_attention_quick_on_cpu(tmp_path):
     assert (tmp_path / "bench_attention_cpu.png").stat().st_size > 0
     summary = [line for line in proc.stdout.splitlines() if line.startswith("provider=")]
     assert len(summary) == len(rows) and "mode=fwd tflops=" in summary[0]
+
+
+def test_past_its_deadline_it_stops_after_one_case_and_writes_it(tmp_path):
+    """The GPU suite's deadline ($DTENGINE_BENCH_DEADLINE, here already past) stops new cases, not the report."""
+    csv_path = tmp_path / "bench_attention_cpu.csv"
+    proc = subprocess.run(
+        [sys.executable, str(BENCH), "--quick", "--repeats", "1", "--csv", str(csv_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "DTENGINE_BENCH_DEADLINE": "0"},
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "time limit (DTENGINE_BENCH_DEADLINE) reached: stopped before case SD-512 D40" in proc.stdout
+    assert {r["case"] for r in csv.DictReader(csv_path.open())} == {"ADM-256"}
+    assert csv_path.with_suffix(".png").stat().st_size > 0

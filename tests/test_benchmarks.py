@@ -65,15 +65,33 @@ def test_bench_feature_loss_writes_rows_report_plot_and_summary_lines(tmp_path):
         assert "Triton kernel needs CUDA" in proc.stdout
 
 
-def test_paper_configurations_build_the_adm_teacher_with_the_paper_taps():
-    """Checked on the meta device: no memory, no compute, the architecture only."""
+def bench_step_module():
     import importlib.util
-
-    import torch
 
     spec = importlib.util.spec_from_file_location("bench_step", BENCH)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_a_failed_or_overdue_worker_is_one_line_naming_why():
+    import argparse
+
+    bench = bench_step_module()
+    dynamo = "Traceback (most recent call last):\n  File ...\ntorch._dynamo.exc.Unsupported: torch.* op returned "
+    dynamo += "non-Tensor\n  Explanation: ...\n\nSet TORCHDYNAMO_VERBOSE=1 for the internal stack trace"
+    assert bench.failure_reason(dynamo, 1) == "torch._dynamo.exc.Unsupported: torch.* op returned non-Tensor"
+    assert bench.failure_reason("killed\n", -9) == "killed" and bench.failure_reason("", 3) == "exit code 3"
+    args = argparse.Namespace(timeout_s=1, warmup=1, windows=1, window_steps=1, split_steps=1, overrides=[])
+    args.world_sizes = None
+    assert bench.run_worker("demo", "eager", args) == "timed out after 1 s (--timeout-s)"
+
+
+def test_paper_configurations_build_the_adm_teacher_with_the_paper_taps():
+    """Checked on the meta device: no memory, no compute, the architecture only."""
+    import torch
+
+    bench = bench_step_module()
     cfg = bench.run_config("paper-r50", [])
     teacher = bench.build_teacher("paper-r50", cfg, torch.device("meta"))
     assert [(lvl.stride, lvl.channels) for lvl in teacher.levels] == [(32, 1024), (16, 1024), (8, 512), (4, 512)]

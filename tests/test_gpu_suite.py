@@ -76,5 +76,30 @@ def test_failing_and_hung_pieces_are_recorded_and_the_next_one_still_runs(tmp_pa
     assert (tmp_path / f"fine_{device}.log").read_text() == "fine ran\n"
 
 
+def test_pieces_get_a_deadline_before_their_limit_and_say_when_they_stopped_at_it(tmp_path, monkeypatch, capsys):
+    suite = load_suite()
+    print_deadline = "import os, time; print('left', float(os.environ['DTENGINE_BENCH_DEADLINE']) - time.time())"
+    stopped = "print('time limit (DTENGINE_BENCH_DEADLINE) reached: stopped before case 2')"
+    monkeypatch.setattr(
+        suite,
+        "PIECES",
+        [
+            suite.Piece(
+                "timed", lambda c: [sys.executable, "-c", print_deadline], lambda c: [], timeout_s=300, log_name="t.log"
+            ),
+            suite.Piece("stopped", lambda c: [sys.executable, "-c", stopped], lambda c: []),
+        ],
+    )
+    wheels = tmp_path / "wheels"  # one this Python cannot install: reported, and the suite goes on without it
+    wheels.mkdir()
+    (wheels / "simplejpeg-1.9.0-cp99-cp99-manylinux_2_28_x86_64.whl").write_bytes(b"")
+    assert suite.main(["--out-dir", str(tmp_path), "--pieces", "timed,stopped", "--wheels", str(wheels)]) == 0
+    assert f"could not install the wheels in {wheels}" in capsys.readouterr().out
+    left = float((tmp_path / "t.log").read_text().split()[1])
+    assert 300 - 60 - 5 < left <= 300 - 60 + 1  # its 300 s limit, less the minute to write results
+    device = "cpu" if not torch.cuda.is_available() else suite.device_slug(torch.cuda.get_device_name())
+    assert "| stopped | passed, cut short by the time limit |" in (tmp_path / f"gpu_suite_{device}.md").read_text()
+
+
 def test_device_slug_is_a_file_name_part():
     assert load_suite().device_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
