@@ -15,7 +15,7 @@ Pieces, in order (each one a subprocess; a failing or timed-out piece is recorde
 
 Each piece's limit is its own (300 s; bench_step 600 s) or what is left of --budget-s, whichever is smaller. A
 benchmark stops starting new cases a minute (at most a quarter of its limit) before it ($DTENGINE_BENCH_DEADLINE)
-and writes what it measured; its status then says "cut short". A run that cannot hold every piece (a short lease)
+and writes what it measured; its status then says "cut short". A run that cannot hold every piece (little GPU time)
 is split with --pieces into calls of a few pieces each.
 
 Without CUDA the benchmarks run their --quick variants (a CPU check of the wiring, not a measurement) and the
