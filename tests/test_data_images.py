@@ -19,12 +19,23 @@ import numpy as np
 import pytest
 import simplejpeg
 import torch
+import torch.nn.functional as F
 from PIL import Image, ImageOps
 
 from dtengine.data import DataConfig, ShardStream, make_shards_from_folder, write_shards
 from dtengine.data import decode as decode_module
 from dtengine.data.check import check_shards
-from dtengine.data.decode import CorruptSample, Crop, decode_sample, load_sample, rgb_image
+from dtengine.data.decode import (
+    CorruptSample,
+    Crop,
+    center_crop,
+    center_geometry,
+    decode_sample,
+    image_batch,
+    load_sample,
+    resize_window,
+    rgb_image,
+)
 from dtengine.data.loaders import open_batches
 from dtengine.data.pipeline import read_shards
 from dtengine.runtime.errors import ConfigError, DataError
@@ -275,6 +286,32 @@ def test_tiny_images_are_resized_up_to_the_crop(size, fmt, crop):
     assert out["image"].shape == (3, 16, 16) and out["seg"].shape == (16, 16)
     assert np.abs(out["image"].permute(1, 2, 0).numpy().astype(int) - colour).max() <= 4
     assert (out["seg"] == 3).all()
+
+
+# ---------------------------------------------------------------------------------------- resize into ---------
+@pytest.mark.parametrize("window", [(7, 9), (24, 24), (50, 31), (101, 77), (13, 200)])
+def test_crops_resized_into_a_batch_are_f_interpolate_bit_for_bit(window):
+    """The resizes write straight into a batch slot (torch's `out=` ops): the same pixels as F.interpolate, up or
+    down, from a strided window; by default over HWC memory, like the batch."""
+    height, width = window
+    image = torch.randint(
+        0, 256, (height + 5, width + 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    window = image[2 : 2 + height, 1 : 1 + width]  # a view into the decoded image, as the loaders crop it
+    chw = window.permute(2, 0, 1)[None].contiguous()
+    batch = image_batch(3, 24)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+
+    expected = F.interpolate(chw, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)[0]
+    assert torch.equal(resize_window(window, 24, out=batch[1]), expected) and torch.equal(batch[1], expected)
+    assert torch.equal(resize_window(window, 24), expected)
+    assert resize_window(window, 24).permute(1, 2, 0).is_contiguous()
+
+    (w, h), (left, top, right, bottom) = center_geometry(width, height, 24)
+    resized = F.interpolate(chw, size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0]
+    expected = resized[:, top:bottom, left:right]
+    assert torch.equal(center_crop(window, 24, out=batch[2]), expected) and torch.equal(batch[2], expected)
+    assert torch.equal(center_crop(window, 24), expected)
 
 
 # ------------------------------------------------------------------------------------------------ huge ---------

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 import webdataset as wds
 from torch.utils.data import get_worker_info
 
-from dtengine.data.decode import CorruptSample, Crop, collate, decode_sample, load_sample
+from dtengine.data.decode import CorruptSample, Crop, collate, decode_sample, image_batch, load_sample
 from dtengine.data.shards import check_tar_file
 from dtengine.runtime.errors import DataError
 
@@ -123,10 +123,11 @@ class DecodeAndBatch:
         samples = iter(samples)
         yield {SKIPPED_BATCHES_KEY: self._skip(samples)}
         decoded, corrupt, in_a_row = [], 0, 0
+        images = image_batch(self.batch_size, self.crop.size)  # each image is decoded straight into its slot
         for sample in samples:
             try:
                 rng = random.Random(f"{self.seed}-{sample['__key__']}")
-                decoded.append(decode_sample(sample, self.crop, rng))
+                decoded.append(decode_sample(sample, self.crop, rng, out=images[len(decoded)]))
             except CorruptSample as bad:
                 if self.on_corrupt == "fail":
                     raise DataError(
@@ -142,7 +143,8 @@ class DecodeAndBatch:
                 continue
             in_a_row = 0
             if len(decoded) == self.batch_size:
-                yield collate(decoded, corrupt)
+                yield collate(decoded, corrupt, images)
                 decoded, corrupt = [], 0
+                images = image_batch(self.batch_size, self.crop.size)
         if corrupt:
             yield {"skipped_corrupt": corrupt}
