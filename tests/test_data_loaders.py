@@ -50,9 +50,11 @@ def check_batch(batch: dict, size: int, batch_size: int = 4) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- wds -----
-@pytest.mark.parametrize("crop", ["center", "random_resized"])
-def test_wds_batches_with_labels_and_either_crop(tiny_shards, crop):
-    batches, why = open_batches(cfg(tiny_shards, crop=crop, crop_scale=[0.3, 1.0], loader="wds"), seed=0)
+@pytest.mark.parametrize(("crop", "num_workers"), [("center", 0), ("random_resized", 0), ("random_resized", 2)])
+def test_wds_batches_with_labels_and_either_crop(tiny_shards, crop, num_workers):
+    """Also from worker processes: the batches keep their NHWC memory on the way to the main process."""
+    data = cfg(tiny_shards, crop=crop, crop_scale=[0.3, 1.0], loader="wds", num_workers=num_workers)
+    batches, why = open_batches(data, seed=0)
     assert why.startswith("wds")
     batch = batches.next()
     check_batch(batch, TINY_IMAGE)
