@@ -171,3 +171,23 @@ def test_bench_step_scaling_sweep_runs_torchrun_jobs(tiny_run_overrides, tmp_pat
     rows = list(csv.DictReader(out.open()))
     assert [r["world_size"] for r in rows] == ["1", "2"] and rows[0]["scaling_efficiency"] == "1.0"
     assert float(rows[1]["scaling_efficiency"]) > 0 and "world_size=2" in proc.stdout
+
+
+BENCH_CROP_RESIZE = BENCH.parent / "bench_crop_resize.py"
+
+
+@pytest.mark.parametrize("crop", ["random_resized", "center"])
+def test_bench_crop_resize_times_both_ways_into_the_batch(tmp_path, crop):
+    out = tmp_path / "resize.csv"
+    quick = ["--generated", "24", "--count", "8", "--size", "32", "--reps", "1", "--crop", crop, "--csv", str(out)]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_CROP_RESIZE), *quick], capture_output=True, text=True, timeout=300
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["way"] for r in rows] == ["interpolate", "into-batch"] and rows[0]["vs_interpolate"] == "1.0"
+    assert all(float(r["ms_per_image"]) > 0 and r["crop"] == crop and r["images"] == "8" for r in rows)
+    assert [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("way=")] == [
+        "way=interpolate",
+        "way=into-batch",
+    ]
