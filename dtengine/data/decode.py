@@ -356,8 +356,9 @@ def _hwc_image(height: int, width: int) -> torch.Tensor:
 
 # torch's antialiased uint8 resizes work in NHWC: into an NHWC destination they write directly, while F.interpolate
 # (which has no `out=`) returns NCHW and transposes on the way. Resizing straight into a batch of `image_batch`
-# took 0.08 ms for a 300 px window to 224 px on a 2-core CPU, against 0.21 ms for F.interpolate plus the copy into
-# the batch. The ops are aten's own (private, hence the test that they stay F.interpolate's pixels bit for bit).
+# takes 0.10 ms per random-resized crop to 224 px on a 2-core CPU, against 0.23 ms for F.interpolate plus the copy
+# into the batch (benchmarks/bench_crop_resize.py). The ops are aten's own (private, hence the test that they stay
+# F.interpolate's pixels bit for bit).
 _RESIZE_INTO = {
     "bilinear": torch.ops.aten._upsample_bilinear2d_aa.out,
     "bicubic": torch.ops.aten._upsample_bicubic2d_aa.out,
