@@ -199,6 +199,19 @@ def naive_step(name: str, cfg, device: torch.device, scratch: Path):
     return loop.step, instrumented
 
 
+class Progress:
+    """Worker progress on stderr, each line with the seconds since the measurement began: the parent prints the tail
+    of a worker that fails or times out, which then says where the time went (a cold compile of the paper configs
+    takes minutes)."""
+
+    def __init__(self, what: str, enabled: bool):
+        self.what, self.enabled, self.start = what, enabled, time.perf_counter()
+
+    def __call__(self, done: str) -> None:
+        if self.enabled:
+            print(f"[{self.what}] {time.perf_counter() - self.start:.1f} s: {done}", file=sys.stderr, flush=True)
+
+
 def measure(args) -> dict:
     """One (config, mode) in this process (one rank, under torchrun): warm-up, timed windows, instrumented pass,
     peak memory. Windows start and end with every rank in step, and img/s counts all ranks' images."""
@@ -208,6 +221,7 @@ def measure(args) -> dict:
     cfg = run_config(args.config, args.overrides)
     world = init_world(cfg.train.device, cfg.distributed)
     device = world.device
+    progress = Progress(f"{args.config} {args.mode}", world.rank == 0)
     with tempfile.TemporaryDirectory() as scratch:
         flops = None
         if args.mode == "naive":
@@ -216,10 +230,12 @@ def measure(args) -> dict:
             if args.mode == "synthetic":
                 cfg.data.loader = "synthetic"
             whole, instrumented, flops = engine_step(args.config, cfg, world, args.mode != "eager")
+        progress("set up (data, models, FLOP count)")
         start = time.perf_counter()
-        for _ in range(args.warmup):
+        for step in range(args.warmup):
             whole()
-        synchronize(device)
+            synchronize(device)
+            progress(f"warm-up step {step + 1}/{args.warmup} (compiles on the first)")
         warmup_s = time.perf_counter() - start
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
@@ -233,9 +249,11 @@ def measure(args) -> dict:
             synchronize(device)
             world.barrier()
             windows.append(args.window_steps * cfg.data.batch_size * world.size / (time.perf_counter() - start))
+            progress(f"timed window {len(windows)}/{args.windows}: {windows[-1]:.1f} img/s")
         timer = Timer(device)
         for _ in range(args.split_steps):
             instrumented(timer)
+        progress("instrumented pass")
         shutdown(world)
     return {
         "config": args.config,
@@ -270,14 +288,23 @@ def run_worker(config: str, mode: str, args, world_size: int = 1) -> dict | str:
         try:
             proc = subprocess.run([sys.executable, *command], capture_output=True, text=True, timeout=timeout_s,
                                   env=env)  # fmt: skip
-        except subprocess.TimeoutExpired:
+        except subprocess.TimeoutExpired as timeout:
             limit = "--timeout-s" if timeout_s == args.timeout_s else DEADLINE_ENV
+            print_output_tail(f"config={config} mode={mode} (timed out)", timeout.stderr, timeout.stdout)
             return f"timed out after {timeout_s:.0f} s ({limit})"
         if proc.returncode != 0:
-            output = proc.stderr.strip() or proc.stdout.strip()
-            print(f"--- config={config} mode={mode}, the end of its output:", *output.splitlines()[-30:], sep="\n")
+            output = print_output_tail(f"config={config} mode={mode}", proc.stderr, proc.stdout)
             return failure_reason(output, proc.returncode)
         return json.loads(Path(out.name).read_text())
+
+
+def print_output_tail(what: str, stderr: str | bytes | None, stdout: str | bytes | None) -> str:
+    """Print the last 30 lines a worker wrote (stderr, else stdout) and return all of it. A timed-out worker's
+    partial output comes as bytes: it says where the time went (compiling, generating data, a hang)."""
+    texts = [text.decode(errors="replace") if isinstance(text, bytes) else text or "" for text in (stderr, stdout)]
+    output = texts[0].strip() or texts[1].strip()
+    print(f"--- {what}, the end of its output:", *output.splitlines()[-30:], sep="\n")
+    return output
 
 
 def failure_reason(output: str, returncode: int) -> str:

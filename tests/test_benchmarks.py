@@ -87,6 +87,30 @@ def test_a_failed_or_overdue_worker_is_one_line_naming_why():
     assert bench.run_worker("demo", "eager", args) == "timed out after 1 s (--timeout-s)"
 
 
+def test_an_overdue_worker_prints_where_its_time_went(monkeypatch, capsys):
+    """A worker killed at its limit leaves partial output (bytes): its progress lines are printed, so a timed-out
+    cold compile reads differently from a hang."""
+    import argparse
+    import subprocess
+
+    bench = bench_step_module()
+    progress = bench.Progress("demo compiled", enabled=True)
+    progress("set up (data, models, FLOP count)")
+    written = capsys.readouterr().err
+    assert written.startswith("[demo compiled] ") and written.endswith(" s: set up (data, models, FLOP count)\n")
+
+    def overdue(command, **kwargs):
+        raise subprocess.TimeoutExpired(command, kwargs["timeout"], output=b"", stderr=written.encode())
+
+    monkeypatch.setattr(bench.subprocess, "run", overdue)
+    args = argparse.Namespace(timeout_s=7, warmup=1, windows=1, window_steps=1, split_steps=1, overrides=[])
+    args.world_sizes = None
+    assert bench.run_worker("demo", "compiled", args) == "timed out after 7 s (--timeout-s)"
+    printed = capsys.readouterr().out
+    assert "config=demo mode=compiled (timed out), the end of its output:" in printed
+    assert written.strip() in printed
+
+
 def test_paper_configurations_build_the_adm_teacher_with_the_paper_taps():
     """Checked on the meta device: no memory, no compute, the architecture only."""
     import torch
