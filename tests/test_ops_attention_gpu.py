@@ -50,6 +50,7 @@ def test_auto_picks_triton_on_cuda_for_supported_calls():
     assert auto(q) == "triton"
     assert auto(q.float()) == "sdpa"
     assert auto(torch.randn(1, 1, 64, 256, device="cuda", dtype=torch.bfloat16)) == "sdpa"
+    assert auto(torch.randn(1, 1, 64, 72, device="cuda", dtype=torch.bfloat16)) == "sdpa"  # faulted on an H100
 
 
 def test_long_sequence_forward():

@@ -81,3 +81,23 @@ def test_switches_are_read_once_from_the_environment():
     with flags.override(disable_triton=not before.disable_triton) as inside:
         assert flags.flags() is inside and inside.disable_triton != before.disable_triton
     assert flags.flags() == before
+
+
+def test_auto_passes_over_a_backend_with_a_known_fault_but_an_explicit_request_runs_it():
+    from dtengine.ops.attention import _triton_passed_over
+    from dtengine.ops.backends import OpBackends
+
+    def odd_width(x):
+        return "odd width" if x.shape[-1] % 2 else None
+
+    backends = OpBackends(
+        op="toy", unavailable={"triton": lambda x: None, "torch": lambda x: None}, auto_order=("triton", "torch"),
+        reference="torch", passed_over_by_auto={"triton": odd_width},
+    )  # fmt: skip
+    assert resolve_backend(backends, "auto", "", torch.zeros(2, 4)) == "triton"
+    assert resolve_backend(backends, "auto", "", torch.zeros(2, 5)) == "torch"
+    assert resolve_backend(backends, "triton", "", torch.zeros(2, 5)) == "triton"
+    # Attention: the head dims whose Triton forward faulted on an H100 (65-96), and their neighbours.
+    faulted = {d for d in (32, 40, 64, 65, 72, 80, 96, 97, 128, 160) if _triton_passed_over(torch.zeros(1, 1, 4, d))}
+    assert faulted == {65, 72, 80, 96}
+    assert "faulted on an H100" in _triton_passed_over(torch.zeros(1, 1, 4, 72))

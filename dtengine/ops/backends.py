@@ -1,7 +1,8 @@
 """One way to choose an op's implementation ("backend"), shared by every op in `dtengine.ops`.
 
     forced   = the op's environment switch, if set (runtime.flags), else what the caller asked for
-    "auto"   = the first backend of the op's preference order that can run the call
+    "auto"   = the first backend of the op's preference order that can run the call and is not passed over
+               for it (a known fault: an explicit request still runs it)
     Triton   = never used while DTENGINE_DISABLE_TRITON=1: a request for it, explicit or forced, falls back to
                the op's reference backend (a kill switch that always works)
     explicit = used when it can run the call; otherwise a one-line `BackendError` saying why and what to use
@@ -13,7 +14,7 @@ backend, and one function per backend that returns why that backend cannot take 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from dtengine.runtime.errors import BackendError
 from dtengine.runtime.flags import flags
@@ -31,6 +32,9 @@ class OpBackends:
     """Backends "auto" tries, best first; the last must always be able to run."""
     reference: str
     """The pure-PyTorch backend that Triton falls back to when it is switched off."""
+    passed_over_by_auto: Mapping[str, Callable[..., str | None]] = field(default_factory=dict)
+    """Backend name -> f(*call_tensors) returning why "auto" does not pick that backend for a call it can run (a
+    fault seen on some GPU), or None."""
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -50,7 +54,10 @@ def resolve_backend(backends: OpBackends, requested: str, forced: str, *call) ->
     triton_off = flags().disable_triton
     if name == "auto":
         for candidate in backends.auto_order:
-            if not (candidate == TRITON and triton_off) and backends.unavailable[candidate](*call) is None:
+            if candidate == TRITON and triton_off or backends.unavailable[candidate](*call) is not None:
+                continue
+            passed_over = backends.passed_over_by_auto.get(candidate)
+            if passed_over is None or passed_over(*call) is None:
                 return candidate
         return backends.reference
     if name == TRITON and triton_off:
