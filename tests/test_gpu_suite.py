@@ -40,6 +40,16 @@ def test_dry_run_plans_quick_variants_and_skips_gpu_tests_on_cpu(tmp_path):
     assert not (tmp_path / "results").exists()  # a dry run writes nothing
 
 
+def test_on_cuda_the_step_piece_measures_the_input_stall_first(tmp_path):
+    """A lease too short for the whole step piece still measures compiled vs synthetic: they run first."""
+    suite = load_suite()
+    ctx = suite.Context(python="python3", out_dir=tmp_path, device="nvidia-h100-80gb-hbm3", cuda=True)
+    (step,) = [piece for piece in suite.PIECES if piece.name == "bench_step"]
+    command = step.command(ctx)
+    assert command[command.index("--modes") + 1] == "compiled,synthetic,eager,naive"
+    assert command[command.index("--configs") + 1].startswith("paper-r50,")
+
+
 @cpu_only
 def test_cpu_run_writes_device_named_results_summary_and_archive(tmp_path):
     out, archive = tmp_path / "results", tmp_path / "out" / "gpu_suite.tar.gz"
