@@ -54,7 +54,7 @@ def resolve_backend(backends: OpBackends, requested: str, forced: str, *call) ->
     triton_off = flags().disable_triton
     if name == "auto":
         for candidate in backends.auto_order:
-            if candidate == TRITON and triton_off or backends.unavailable[candidate](*call) is not None:
+            if (candidate == TRITON and triton_off) or backends.unavailable[candidate](*call) is not None:
                 continue
             passed_over = backends.passed_over_by_auto.get(candidate)
             if passed_over is None or passed_over(*call) is None:
