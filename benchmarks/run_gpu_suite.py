@@ -12,6 +12,8 @@ Pieces, in order (each one a subprocess; a failing or timed-out piece is recorde
                         on CUDA the paper configs
     bench_input         bench_input_<device>.{csv,md,png}: every loader against ImageFolder, random-resized crops
     bench_input_center  bench_input_center_<device>.{csv,md,png}: the same with centre crops
+    bench_epoch_start   bench_epoch_start_<device>.{csv,md}: the wait at each new epoch, next epoch started early
+                        or at the end (on CUDA the paper step's shape: 256 px, batch 64, 8 workers, 167 ms a step)
 
 Each piece's limit is its own (300 s; bench_step 600 s) or what is left of --budget-s, whichever is smaller. A
 benchmark stops starting new cases a minute (at most a quarter of its limit) before it ($DTENGINE_BENCH_DEADLINE)
@@ -63,6 +65,9 @@ INPUT_CUDA = ["--workers", "8"]
 INPUT_CPU = ["--count", "24", "--batch", "4", "--size", "64", "--workers", "1", "--batches", "2", "--warmup", "1"]
 INPUT_CPU += ["--rounds", "1"]
 INPUT_MODULES = ("torch", "torchvision", "webdataset", "braceexpand", "simplejpeg", "matplotlib")
+EPOCH_START_CUDA = ["--size", "256", "--images", "2048", "--batch", "64", "--workers", "8", "--step-ms", "167"]
+EPOCH_START_CPU = ["--size", "32", "--images", "48", "--batch", "8", "--workers", "1", "--step-ms", "5"]
+EPOCH_START_CPU += ["--epochs", "2"]
 STATUS_WIDTH = 18
 DEADLINE_ENV = "DTENGINE_BENCH_DEADLINE"  # read by benchmarks/common.py (this file imports the standard library only)
 SAVE_MARGIN_S = 60  # a piece's deadline comes this long (at most a quarter of its limit) before its hard limit
@@ -173,6 +178,16 @@ PIECES = [
     ),
     _input_piece("bench_input", "random_resized"),
     _input_piece("bench_input_center", "center"),
+    Piece(
+        "bench_epoch_start",
+        lambda c: [
+            *_bench(c, "bench_epoch_start.py", "--csv", str(_csv(c, "bench_epoch_start"))),
+            *(EPOCH_START_CUDA if c.cuda else EPOCH_START_CPU),
+        ],
+        lambda c: _with_report(_csv(c, "bench_epoch_start"), plot=False),
+        modules=("torch", "webdataset", "braceexpand", "simplejpeg"),
+        timeout_s=300,
+    ),
 ]
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -214,4 +215,25 @@ def test_bench_crop_resize_times_both_ways_into_the_batch(tmp_path, crop):
     assert [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("way=")] == [
         "way=interpolate",
         "way=into-batch",
+    ]
+
+
+BENCH_EPOCH_START = BENCH.parent / "bench_epoch_start.py"
+
+
+def test_bench_epoch_start_times_the_new_epochs_both_ways(tmp_path):
+    out = tmp_path / "epoch.csv"
+    quick = ["--size", "32", "--images", "48", "--batch", "8", "--workers", "1", "--step-ms", "5", "--epochs", "2"]
+    proc = subprocess.run(
+        [sys.executable, str(BENCH_EPOCH_START), *quick, "--csv", str(out)], capture_output=True, text=True,
+        timeout=300, env={**os.environ, "DTENGINE_CACHE": str(tmp_path / "cache")},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    rows = list(csv.DictReader(out.open()))
+    assert [r["way"] for r in rows] == ["at-end", "early"]
+    assert all(r["epoch_starts"] == "2" and r["batches_per_epoch"] == "6" for r in rows)
+    assert all(float(r["epoch_start_wait_ms"]) > 0 and 0 < float(r["stall"]) < 1 for r in rows)
+    assert [line.split()[0] for line in proc.stdout.splitlines() if line.startswith("way=")] == [
+        "way=at-end",
+        "way=early",
     ]

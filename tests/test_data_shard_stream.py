@@ -1,8 +1,11 @@
 """ShardStream: batch format, determinism, exact mid-epoch resume, corrupt samples, errors."""
 
 import functools
+import gc
 import io
+import multiprocessing
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +13,15 @@ import pytest
 import torch
 from PIL import Image
 
-from dtengine.data import DataConfig, ShardStream, builtin_dataset, resolve_shards, shard_stream, write_shards
+from dtengine.data import (
+    BatchCursor,
+    DataConfig,
+    ShardStream,
+    builtin_dataset,
+    resolve_shards,
+    shard_stream,
+    write_shards,
+)
 from dtengine.runtime.errors import ConfigError, DataError
 
 SIZE = 32
@@ -114,6 +125,36 @@ def test_skip_batches_resumes_exactly(dataset, num_workers):
     full = list(stream.epoch(5))
     for skip in (1, 3, 7, 9, 10, 12):  # 7 and 9 are past the point where some workers run dry (3 workers)
         assert _same(list(stream.epoch(5, skip_batches=skip)), full[skip:]), f"skip_batches={skip}"
+
+
+def test_the_cursor_starts_the_next_epochs_workers_before_this_epoch_ends(dataset, monkeypatch):
+    stream = ShardStream(_cfg(dataset.train_pattern, num_workers=2, prefetch=2), seed=0)
+    length = stream.batches_per_epoch(0)
+    want = list(stream.epoch(0)) + list(stream.epoch(1))
+    cursor = BatchCursor(stream)
+    started = []  # (epoch started, cursor's epoch, batches it had consumed of it)
+    start_reading = stream._start_reading
+
+    def spy(epoch, reading, skip_batches):
+        started.append((epoch, cursor.epoch, cursor.batch_in_epoch))
+        return start_reading(epoch, reading, skip_batches)
+
+    monkeypatch.setattr(stream, "_start_reading", spy)
+    got = [cursor.next() for _ in range(length + 1)]
+    # 2 workers x prefetch 2 = 4 batches asked ahead: the next epoch starts when the last 4 have been asked for.
+    assert started == [(1, 0, length - 4)]
+    position = {k: v for k, v in cursor.state().items() if k != "loader"}
+    resumed = BatchCursor(ShardStream(_cfg(dataset.train_pattern, num_workers=2, prefetch=2), seed=0), **position)
+    got += [cursor.next() for _ in range(length - 1)]
+    assert _same(got, want), "starting an epoch early changes no batch"
+    assert started[1] == (2, 1, length - 4)
+    assert _same([resumed.next() for _ in range(length - 1)], want[length + 1 :]), "the position saved is exact"
+    cursor = resumed = None
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while multiprocessing.active_children() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not multiprocessing.active_children(), "a dropped cursor leaves no workers behind"
 
 
 @pytest.mark.parametrize("num_workers", [0, 1])

@@ -33,7 +33,8 @@ def test_dry_run_plans_quick_variants_and_skips_gpu_tests_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = {line.split()[0]: line for line in proc.stdout.splitlines() if line.startswith(("pytest", "bench"))}
     assert "skipped: needs CUDA" in lines["pytest-gpu"]
-    for piece in ("bench_feature_loss", "bench_attention", "bench_step", "bench_input", "bench_input_center"):
+    pieces = ("bench_feature_loss", "bench_attention", "bench_step", "bench_input", "bench_input_center")
+    for piece in (*pieces, "bench_epoch_start"):
         assert "would run:" in lines[piece] and f"{piece}_cpu.csv" in lines[piece]
     assert "--crop center" in lines["bench_input_center"] and "--count 24" in lines["bench_input"]
     assert "--quick" in lines["bench_attention"] and "--window-steps" in lines["bench_step"]
