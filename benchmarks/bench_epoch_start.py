@@ -87,7 +87,7 @@ def main() -> None:
     save_results(
         csv_path, rows, columns, "bench_epoch_start: the input stall at each new epoch", env,
         f"The wds loader (built-in data, {args.images} images) feeding a {args.step_ms:g} ms sleep as the step, "
-        f"for {args.epochs} epochs; waits in ms per `next()`; stall = all waits / total time.",
+        f"until {args.epochs} new epochs had started; waits in ms per `next()`; stall = all waits / total time.",
     )  # fmt: skip
     for row in rows:
         print(f"way={row['way']} epoch_start_wait_ms={row['epoch_start_wait_ms']} "
