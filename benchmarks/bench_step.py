@@ -4,7 +4,7 @@
     python benchmarks/bench_step.py --configs demo --modes eager,compiled [key=value ...]
 
 Configurations:
-    demo              the built-in teacher and data (configs/demo.yaml; key=value overrides apply): runs on a CPU
+    demo              the built-in teacher and data (configs/demo.yaml): runs on a CPU
     paper-r50         the paper's teacher network, guided-diffusion's ADM-256 (teacher.kind=adm, preset
     paper-convnext-b  imagenet256-uncond: 552.8 M parameters) with random weights, output blocks 2, 5, 8, 11
                       (strides 32, 16, 8, 4) at t=150, ResNet-50 / ConvNeXt-B student, 256 px images of the
@@ -88,7 +88,8 @@ def run_config(name: str, overrides: list[str]):
 
     if name == "demo":
         return load_config(ROOT / "configs" / "demo.yaml", overrides)
-    return load_config(ROOT / "configs" / "demo.yaml", [*PAPER_OVERRIDES, f"student.model={PAPER_STUDENTS[name]}"])
+    paper = [*PAPER_OVERRIDES, f"student.model={PAPER_STUDENTS[name]}"]
+    return load_config(ROOT / "configs" / "demo.yaml", [*paper, *overrides])  # the user's last: e.g. data.loader=dali
 
 
 def build_teacher(name: str, cfg, device: torch.device):
@@ -430,7 +431,7 @@ def main() -> None:
         "torchrun jobs of that many ranks; scaling efficiency = img/s per rank / img/s of one rank",
     )  # fmt: skip
     parser.add_argument("--sweep-mode", default="eager", choices=MODES[1:3])
-    parser.add_argument("overrides", nargs="*", help="key=value overrides of the demo config (and compile.*)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, applied after a paper config's own")
     args = parser.parse_args()
     if args.worker:
         args.config, args.mode = args.worker

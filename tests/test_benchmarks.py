@@ -123,6 +123,8 @@ def test_paper_configurations_build_the_adm_teacher_with_the_paper_taps():
     assert type(teacher.unet).__name__ == "ADMUNet" and sum(p.numel() for p in teacher.unet.parameters()) == 552_814_086
     assert cfg.teacher.timestep == 150 and cfg.data.image_size == 256 and cfg.data.batch_size == 64
     assert bench.run_config("paper-convnext-b", []).student.model == "convnext_base"
+    overridden = bench.run_config("paper-r50", ["data.loader=dali", "data.num_workers=4"]).data
+    assert (overridden.loader, overridden.num_workers, overridden.image_size) == ("dali", 4, 256)
     assert bench.peak_flops("NVIDIA H100 80GB HBM3") == 989.4e12 and bench.peak_flops("cpu (x86_64)") is None
 
 
