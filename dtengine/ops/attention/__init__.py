@@ -80,13 +80,13 @@ def _triton_unavailable(q: Tensor) -> str | None:
 def _triton_passed_over(q: Tensor) -> str | None:
     """Why "auto" keeps a call off Triton although it can run it. Head dims 65-96 run the forward as 64 + 16 or
     32 lane chunks in 128 x 64 tiles of 8 warps; at D = 72 with 77 tokens that forward faulted (illegal memory
-    access) on an H100, while the same code passed on an H200. The interpreter finds no access outside the
-    tensors, so the fault is in the compiled code: until it is found, auto takes SDPA there. An explicit
-    backend="triton" still runs it (the GPU tests do)."""
+    access) on an H100 and on one of two H200s. The interpreter finds no access outside the tensors, so the fault
+    is in the compiled code: until it is found, auto takes SDPA there. An explicit backend="triton" still runs it
+    (the GPU tests do, in a child process)."""
     from dtkernels.interpreter import INTERPRETED
 
     if not INTERPRETED and 64 < q.shape[-1] <= 96:
-        return f"head dim {q.shape[-1]}: the Triton forward of head dims 65-96 faulted on an H100"
+        return f"head dim {q.shape[-1]}: the Triton forward of head dims 65-96 faulted on an H100 and an H200"
     return None
 
 
